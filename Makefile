@@ -1,0 +1,45 @@
+# leadsync — the two commands: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+UV_VERSION := 0.13.8
+export LEADSYNC_HOME ?= $(CURDIR)/.leadsync
+
+.PHONY: demo test lint unit integration bench soak venv clean lock
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q uv==$(UV_VERSION)
+
+# Installs the pinned lock (runtime + dev) and leadsync itself, editable.
+# The stamp makes re-runs instant until a lock file changes.
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml | $(BIN)/python
+	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.txt -r requirements-dev.txt
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(BIN)/leadsync demo
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+bench: venv
+	$(BIN)/leadsync bench
+
+soak: venv
+	$(BIN)/pytest tests/integration/test_faults.py --schedules 1000 -q
+
+# Regenerates the locks from the short top-level lists (needs network to PyPI).
+lock: | $(BIN)/python
+	$(BIN)/uv pip compile requirements.in -o requirements.txt --python-version 3.11 -q
+	$(BIN)/uv pip compile requirements-dev.in -o requirements-dev.txt --python-version 3.11 -q
+
+clean:
+	rm -rf $(VENV) .leadsync .pytest_cache .mypy_cache .ruff_cache
