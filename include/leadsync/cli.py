@@ -1,0 +1,356 @@
+"""The ``leadsync`` command: demo, render, sandbox, state, bench.
+
+Errors reach the user as one line on stderr and exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from leadsync.config import PROJECT_DIR, ConfigError, get_config, leadsync_home
+
+SANDBOX_META_TOKEN = "sandbox-meta-token"  # noqa: S105 - the local emulator's fixed token
+SANDBOX_META_PIXEL = "1234567890123456"
+
+
+class CliError(RuntimeError):
+    """A problem the user can fix; printed without a traceback."""
+
+
+# -- environment ----------------------------------------------------------------------------
+
+
+def airflow_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for running the project's DAGs with a local Airflow under $LEADSYNC_HOME."""
+    home = leadsync_home()
+    env = dict(os.environ)
+    env.setdefault("AIRFLOW_HOME", str(home / "airflow"))
+    env.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(PROJECT_DIR / "dags"))
+    env.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(PROJECT_DIR / "plugins"))
+    env.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    env.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
+    env.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
+    env["LEADSYNC_HOME"] = str(home)
+    env.update(extra or {})
+    return env
+
+
+def ensure_airflow_db(env: dict[str, str]) -> None:
+    """Creates the local Airflow metadata DB and the destination pools once."""
+    home = Path(env["AIRFLOW_HOME"])
+    marker = home / ".leadsync-initialised"
+    if marker.exists():
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    _airflow(["db", "migrate"], env, "creating the local Airflow database")
+    for dest in get_config().destinations:
+        _airflow(["pools", "set", dest.pool, str(dest.pool_slots),
+                  f"leadsync: shares the {dest.name} API rate limit"], env, f"pool {dest.pool}")
+    marker.write_text("ok\n")
+
+
+def _airflow(args: list[str], env: dict[str, str], what: str,
+             log_path: Path | None = None) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("airflow")
+    cmd = [str(exe) if exe.exists() else "airflow", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)  # noqa: S603
+    if log_path is not None:
+        log_path.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        where = f" (full log: {log_path})" if log_path else ""
+        raise CliError(f"{what} failed{where}:\n{tail}")
+    return proc
+
+
+def sandbox_connections(url: str) -> dict[str, str]:
+    """Connections that point every destination at the local sandbox."""
+    env: dict[str, str] = {}
+    for dest in get_config().destinations:
+        if dest.type == "meta":
+            env[f"AIRFLOW_CONN_{dest.conn_id.upper()}"] = json.dumps({
+                "conn_type": "http",
+                "host": url,
+                "password": SANDBOX_META_TOKEN,
+                "extra": {"pixel_id": SANDBOX_META_PIXEL, "api_version": "v25.0"},
+            })
+    return env
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Seeds the embedded warehouse, starts the sandbox, runs each DAG, prints a summary."""
+    from leadsync import demo_data
+    from leadsync.db import make_engine
+    from leadsync.sandbox.app import SandboxConfig
+    from leadsync.sandbox.server import SandboxServer
+
+    config = get_config()
+    home = leadsync_home()
+    env = airflow_env()
+    warehouse = make_engine(_db_url(config.source.connection_id, "warehouse"))
+    now = datetime.now(UTC)
+    seeded = demo_data.seed(warehouse, args.leads, now - timedelta(minutes=1))
+    if seeded:
+        print(f"seeded the embedded warehouse with {seeded} lead stage changes")
+    if args.add:
+        # Backdated past the settle lag so this run picks them up.
+        lag = config.source.settle_lag + timedelta(seconds=1)
+        demo_data.add_changes(warehouse, args.add, now - lag)
+        print(f"appended {args.add} new stage changes")
+    print("preparing the local Airflow (first time only, ~30 s)…", flush=True)
+    ensure_airflow_db(env)
+    sandbox_cfg = SandboxConfig(meta_tokens={SANDBOX_META_TOKEN},
+                                meta_pixels={SANDBOX_META_PIXEL},
+                                store_path=str(home / "sandbox.db"))
+    logs = home / "logs"
+    logs.mkdir(exist_ok=True)
+    results = []
+    with SandboxServer(sandbox_cfg) as sandbox:
+        print(f"platform sandbox listening on {sandbox.url}")
+        run_env = {**env, **sandbox_connections(sandbox.url)}
+        for dest in config.destinations:
+            if not dest.enabled:
+                continue
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+            log_path = logs / f"{dest.dag_id}-{stamp}.log"
+            started = time.monotonic()
+            print(f"running DAG {dest.dag_id} (airflow dags test)…", flush=True)
+            error = None
+            try:
+                _airflow(["dags", "test", dest.dag_id], run_env, f"DAG {dest.dag_id}", log_path)
+            except CliError as exc:
+                error = str(exc)
+            results.append((dest, time.monotonic() - started, log_path, error))
+        stats = _sandbox_stats(sandbox.url)
+    print()
+    _print_demo_summary(results, stats)
+    return 1 if any(r[3] for r in results) else 0
+
+
+def _sandbox_stats(url: str) -> dict[str, Any]:
+    import requests
+
+    try:
+        return dict(requests.get(f"{url}/_sandbox/stats", timeout=10).json())
+    except (requests.RequestException, ValueError):
+        return {}
+
+
+def _print_demo_summary(results: list[Any], stats: dict[str, Any]) -> None:
+    store = _state_store()
+    summary = store.summary([r[0].name for r in results])
+    for dest, seconds, log_path, error in results:
+        run = _last_run(store, dest.name)
+        counts = (run or {}).get("counts", {})
+        state = summary[dest.name]
+        print(f"== {dest.name} ({dest.type}) — {seconds:.1f}s, log: {log_path}")
+        if error:
+            print(f"   FAILED: {error}")
+        print(f"   this run : read {counts.get('read', 0)}, sent {counts.get('sent', 0)}, "
+              f"acknowledged {counts.get('acknowledged', 0)}, "
+              f"expired {counts.get('expired', 0)}, skipped {counts.get('skipped', 0)}, "
+              f"quarantined {counts.get('quarantined', 0)}, "
+              f"failed {counts.get('failed', 0)}")
+        reasons = {k: v for k, v in counts.items() if "." in k}
+        if reasons:
+            print("   reasons  : " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
+        print(f"   ledger   : delivered {state['delivered']}, pending {state['pending']}, "
+              f"failed {state['failed']}, expired {state['expired']}, "
+              f"skipped {state['skipped']}, quarantined {state['quarantined']}")
+        wm = state["watermark"]
+        print(f"   watermark: {wm['updated_at'] if wm else 'none yet'}")
+        platform = stats.get(dest.type, {})
+        if platform:
+            print(f"   sandbox  : {platform.get('unique_events', 0)} unique events accepted "
+                  f"in total, {platform.get('duplicate_events', 0)} duplicates, "
+                  f"{platform.get('rejected_requests', 0)} rejected requests")
+
+
+def _last_run(store: Any, destination: str) -> dict[str, Any] | None:
+    from sqlalchemy import select
+
+    from leadsync.state import runs
+
+    with store.engine.connect() as conn:
+        run_id = conn.execute(
+            select(runs.c.run_id).where(runs.c.destination == destination)
+            .order_by(runs.c.started_at.desc()).limit(1)
+        ).scalar()
+    return store.get_run(run_id, destination) if run_id else None
+
+
+def _db_url(conn_id: str, default_name: str) -> str:
+    from leadsync.hooks import LeadsyncDatabaseHook
+
+    return LeadsyncDatabaseHook(conn_id, default_name).url
+
+
+def _state_store() -> Any:
+    from leadsync.db import make_engine
+    from leadsync.state import StateStore
+
+    store = StateStore(make_engine(_db_url(get_config().state.connection_id, "state")))
+    store.migrate()
+    return store
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """Prints the requests that rows given as JSON lines would produce (no network)."""
+    from leadsync.pipeline import render_requests
+
+    dest = get_config().destination(args.destination)
+    now = _parse_now(args.now)
+    creds = _render_credentials(dest)
+    rows = []
+    for number, line in enumerate(sys.stdin, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise CliError(f"stdin line {number} is not valid JSON") from None
+        if not isinstance(row, dict):
+            raise CliError(f"stdin line {number} is not a JSON object")
+        rows.append(row)
+    for item in render_requests(rows, dest, creds, now):
+        print(json.dumps(item, ensure_ascii=False, sort_keys=False))
+    return 0
+
+
+def _render_credentials(dest: Any) -> Any:
+    """The destination's real connection when one is defined (secrets are masked in the
+    output), else placeholders, so render works on a laptop with no connections."""
+    from leadsync.destinations import get_destination
+    from leadsync.destinations.base import CredentialsError
+    from leadsync.hooks import LeadsyncDestinationHook
+
+    try:
+        return LeadsyncDestinationHook(dest.conn_id, dest.type).credentials
+    except CredentialsError:
+        module = get_destination(dest.type)
+        return module.parse_credentials(None, "placeholder", {"pixel_id": SANDBOX_META_PIXEL})
+
+
+def _parse_now(text: str | None) -> datetime:
+    if not text:
+        return datetime.now(UTC)
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(f"--now: {text!r} is not an ISO-8601 timestamp") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    """Serves the platform emulators on loopback until interrupted."""
+    from leadsync.sandbox.app import SandboxConfig
+    from leadsync.sandbox.server import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        raise CliError("--host: the sandbox only listens on loopback (127.0.0.1, ::1)")
+    cfg = SandboxConfig(meta_tokens={SANDBOX_META_TOKEN}, meta_pixels={SANDBOX_META_PIXEL},
+                        store_path=args.store)
+    print(f"sandbox on http://{args.host}:{args.port} (Meta token {SANDBOX_META_TOKEN!r}, "
+          f"pixel {SANDBOX_META_PIXEL})", flush=True)
+    serve(host=args.host, port=args.port, config=cfg)
+    return 0
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    """Prints watermark and ledger counts per destination."""
+    config = get_config()
+    summary = _state_store().summary([d.name for d in config.destinations])
+    if args.json:
+        print(json.dumps({"destinations": summary}, indent=2, default=str))
+        return 0
+    for name, s in summary.items():
+        wm = s["watermark"]["updated_at"] if s["watermark"] else "none"
+        print(f"{name}: watermark {wm}; delivered {s['delivered']}, pending {s['pending']}, "
+              f"failed {s['failed']}, expired {s['expired']}, skipped {s['skipped']}, "
+              f"quarantined {s['quarantined']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Runs the benchmarks (see bench/)."""
+    from leadsync import bench
+
+    return bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``leadsync`` command."""
+    parser = argparse.ArgumentParser(prog="leadsync", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="seed the embedded warehouse and run the DAGs against "
+                          "the local sandbox")
+    demo.add_argument("--add", type=int, default=0, metavar="N",
+                      help="append N new stage changes before running")
+    demo.add_argument("--leads", type=int, default=3000, help="leads to seed (first run only)")
+    demo.set_defaults(func=cmd_demo)
+
+    render = sub.add_parser("render", help="print the requests for rows given as JSON lines "
+                            "on stdin (no network)")
+    render.add_argument("--destination", required=True)
+    render.add_argument("--now", help="ISO-8601 time to evaluate age windows against")
+    render.set_defaults(func=cmd_render)
+
+    sandbox = sub.add_parser("sandbox", help="serve the platform emulators on loopback")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8765)
+    sandbox.add_argument("--store", help="SQLite file to keep accepted events across restarts")
+    sandbox.set_defaults(func=cmd_sandbox)
+
+    state = sub.add_parser("state", help="inspect the state store")
+    state_sub = state.add_subparsers(dest="state_command", required=True)
+    show = state_sub.add_parser("show", help="watermark and ledger counts per destination")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_state)
+
+    bench = sub.add_parser("bench", help="run the benchmarks")
+    bench.add_argument("--events", type=int, default=200_000,
+                       help="events for the build benchmark (a)")
+    bench.add_argument("--e2e-rows", default="100000,1000000",
+                       help="comma-separated row counts for the end-to-end benchmark (b)")
+    bench.add_argument("--skip-e2e", action="store_true")
+    bench.add_argument("--postgres-url", default=os.environ.get(
+        "LEADSYNC_BENCH_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"))
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (CliError, ConfigError) as exc:
+        print(f"leadsync: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from leadsync.destinations.base import CredentialsError
+        from leadsync.source import SourceError
+
+        if isinstance(exc, CredentialsError | SourceError | ValueError):
+            print(f"leadsync: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Typed configuration, validated once from ``include/leadsync.yaml``.
+
+Secrets never live here: credentials come from Airflow connections. An invalid file fails
+with :class:`ConfigError`, whose message names the key and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+INCLUDE_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = INCLUDE_DIR.parent
+DEFAULT_CONFIG_PATH = INCLUDE_DIR / "leadsync.yaml"
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+DESTINATION_TYPES = ("meta",)
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing or invalid; the message names the key."""
+
+
+def parse_duration(value: Any) -> timedelta:
+    """Parses ``"90s"``, ``"5m"``, ``"2h"``, ``"7d"`` or a number of seconds."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like '5m', '2h' or a number of seconds")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return timedelta(seconds=float(value))
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match:
+            return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    raise ValueError(f"expected a duration like '5m', '2h' or '7d', got {value!r}")
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Strict):
+    """Where and how rows are read from the warehouse."""
+
+    query_file: str = "sql/converted_leads.sql"
+    connection_id: str = "leadsync_warehouse"
+    lookback: Duration = timedelta(hours=2)
+    settle_lag: Duration = timedelta(minutes=2)
+    chunk_size: int = Field(default=5000, ge=1, le=100_000)
+    page_size: int = Field(default=100_000, ge=1)
+
+    def query_path(self) -> Path:
+        """The query file, relative paths resolved against ``include/``."""
+        path = Path(self.query_file)
+        return path if path.is_absolute() else INCLUDE_DIR / path
+
+    def read_query(self) -> str:
+        """Reads the user's SQL, without a trailing semicolon."""
+        path = self.query_path()
+        try:
+            sql = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"source.query_file: cannot read {path}: {exc.strerror}") from exc
+        sql = sql.strip().rstrip(";").strip()
+        if not sql:
+            raise ConfigError(f"source.query_file: {path} is empty")
+        return sql
+
+
+class StateConfig(_Strict):
+    """The state store (watermarks, ledger, outbox, runs)."""
+
+    connection_id: str = "leadsync_state"
+    lease_ttl: Duration = timedelta(minutes=5)
+    lease_wait: Duration = timedelta(seconds=30)
+
+
+class RetryConfig(_Strict):
+    """In-task retries of one request on transient platform errors."""
+
+    attempts: int = Field(default=5, ge=1, le=20)
+    backoff_base: Duration = timedelta(seconds=1)
+    backoff_max: Duration = timedelta(seconds=60)
+    timeout: Duration = timedelta(seconds=30)
+
+
+class DestinationConfig(_Strict):
+    """One platform destination: its own DAG, watermark and ledger."""
+
+    name: str
+    type: Literal["meta"]
+    schedule: str = "@hourly"
+    connection_id: str | None = None
+    enabled: bool = True
+    stages: dict[str, str] = Field(min_length=1)
+    shape: Literal["crm", "website"] = "crm"
+    action_source: str | None = None
+    crm_name: str | None = None
+    batch_size: int | None = Field(default=None, ge=1)
+    max_event_age: Duration | None = None
+    future_tolerance: Duration = timedelta(seconds=60)
+    retry: RetryConfig = RetryConfig()
+    pool_slots: int = Field(default=4, ge=1, le=128)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(
+                "must be lowercase letters, digits and '_', starting with a letter (max 40)"
+            )
+        return value
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, value: dict[str, str]) -> dict[str, str]:
+        for stage, event in value.items():
+            if not str(stage).strip() or not str(event).strip():
+                raise ValueError("stage names and event names must be non-empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _shape_rules(self) -> DestinationConfig:
+        if self.type == "meta":
+            allowed = {"email", "website", "app", "phone_call", "chat", "physical_store",
+                       "system_generated", "business_messaging", "other"}
+            if self.action_source is not None and self.action_source not in allowed:
+                raise ValueError(
+                    f"action_source: {self.action_source!r} is not one of {sorted(allowed)}"
+                )
+            if self.shape == "crm":
+                if self.action_source not in (None, "system_generated"):
+                    raise ValueError(
+                        "action_source: Meta's CRM (Conversion Leads) shape requires "
+                        "'system_generated'"
+                    )
+                if not self.crm_name:
+                    raise ValueError(
+                        "crm_name: required for shape 'crm' (sent as lead_event_source, "
+                        "e.g. 'HubSpot', 'Salesforce')"
+                    )
+        return self
+
+    @property
+    def conn_id(self) -> str:
+        """The Airflow connection holding this destination's credentials."""
+        return self.connection_id or f"leadsync_{self.name}"
+
+    @property
+    def dag_id(self) -> str:
+        """The DAG that syncs this destination."""
+        return f"leadsync_{self.name}"
+
+    @property
+    def pool(self) -> str:
+        """The Airflow pool that shares this destination's rate limit."""
+        return f"leadsync_{self.name}"
+
+
+class Config(_Strict):
+    """The whole file."""
+
+    source: SourceConfig = SourceConfig()
+    state: StateConfig = StateConfig()
+    destinations: list[DestinationConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        seen: set[str] = set()
+        for dest in self.destinations:
+            if dest.name in seen:
+                raise ValueError(f"destination name {dest.name!r} is used twice")
+            seen.add(dest.name)
+        return self
+
+    def destination(self, name: str) -> DestinationConfig:
+        """The destination called ``name``; ConfigError names the known ones otherwise."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = ", ".join(d.name for d in self.destinations)
+        raise ConfigError(f"no destination named {name!r} in the config (known: {known})")
+
+
+def _format_errors(exc: ValidationError, data: Any) -> str:
+    dests = data.get("destinations") if isinstance(data, dict) else None
+    lines = []
+    for err in exc.errors():
+        parts: list[str] = []
+        loc = list(err["loc"])
+        for i, part in enumerate(loc):
+            if isinstance(part, int) and i > 0 and loc[i - 1] == "destinations":
+                name = None
+                if isinstance(dests, list) and part < len(dests) and isinstance(dests[part], dict):
+                    name = dests[part].get("name")
+                parts[-1] += f"[{part}]" + (f" (name={name})" if name else "")
+            else:
+                parts.append(str(part))
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {'.'.join(parts) or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    """Validates already-parsed YAML data into a :class:`Config`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with 'destinations'")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        detail = _format_errors(exc, data)
+        raise ConfigError(f"{source} is invalid:\n{detail}") from None
+
+
+def config_path() -> Path:
+    """``$LEADSYNC_CONFIG`` or the bundled ``include/leadsync.yaml``."""
+    return Path(os.environ.get("LEADSYNC_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Reads and validates the YAML file (cheap: only the file itself is read)."""
+    import yaml
+
+    path = Path(path) if path is not None else config_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(data, str(path))
+
+
+@lru_cache(maxsize=8)
+def _cached(path: str, mtime: float) -> Config:
+    return load_config(path)
+
+
+def get_config(path: str | Path | None = None) -> Config:
+    """Cached :func:`load_config`, re-read when the file changes."""
+    resolved = Path(path) if path is not None else config_path()
+    try:
+        mtime = resolved.stat().st_mtime
+    except OSError:
+        mtime = -1.0
+    return _cached(str(resolved), mtime)
+
+
+def leadsync_home() -> Path:
+    """``$LEADSYNC_HOME`` (default ``.leadsync/`` in the project), created on demand."""
+    home = Path(os.environ.get("LEADSYNC_HOME") or PROJECT_DIR / ".leadsync")
+    home.mkdir(parents=True, exist_ok=True)
+    return home

@@ -1,0 +1,60 @@
+"""The HTTP client: sends an :class:`HttpRequest`, nothing more (no retries, no parsing)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import requests
+
+from leadsync.destinations.base import HttpRequest
+
+
+class TransportError(RuntimeError):
+    """No response: timeout, refused or dropped connection. The request may have been
+    processed, so it is retried with the same event ids and the platform dedups."""
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    """Status, body text and headers of a response."""
+
+    status: int
+    body: str
+    headers: dict[str, str]
+
+
+class HttpClient:
+    """A pooled ``requests`` session with a per-request timeout."""
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = "leadsync/0.1"
+
+    def send(self, request: HttpRequest) -> HttpResponse:
+        """Sends the request; raises :class:`TransportError` when no response came back."""
+        try:
+            resp = self.session.request(
+                request.method,
+                request.url,
+                json=request.body,
+                headers=request.headers,
+                params=request.params or None,
+                timeout=self.timeout,
+            )
+        except requests.RequestException as exc:
+            # The exception text can hold the URL; our URLs carry no secrets (the Meta token
+            # travels in the body), but keep only the exception type to be safe.
+            raise TransportError(f"no response from {_host(request.url)}: "
+                                 f"{type(exc).__name__}") from None
+        return HttpResponse(resp.status_code, resp.text, dict(resp.headers))
+
+    def close(self) -> None:
+        """Closes pooled connections."""
+        self.session.close()
+
+
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).netloc

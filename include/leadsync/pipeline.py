@@ -1,0 +1,398 @@
+"""One run of one destination: open → stage (extract, check, build, outbox) → push → commit.
+
+Each step is a method that an Airflow task calls (``dags/``) and that tests and the CLI call
+directly. Steps hand each other nothing but the run id and batch ids: every row, event and
+outcome lives in the state store, so any step can be retried or run on another worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine
+
+from leadsync import quality
+from leadsync.config import Config, DestinationConfig
+from leadsync.delivery import BatchSender, summarize
+from leadsync.destinations import get_destination
+from leadsync.destinations.base import Destination, HttpRequest, Skip, derive_event_id
+from leadsync.destinations.http import HttpClient
+from leadsync.source import Source, plan_window, to_utc
+from leadsync.state import (
+    DELIVERED,
+    EXPIRED,
+    FAILED,
+    PENDING,
+    REEVALUATE,
+    SKIPPED,
+    Cursor,
+    LeaseBusyError,
+    LedgerRecord,
+    QuarantineRecord,
+    StateStore,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A row that becomes an event: its outbox envelope."""
+
+    event_id: str
+    event_name: str
+    event_time: datetime
+    envelope: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A row that does not become an event, and why."""
+
+    reason: str
+    status: str  # SKIPPED, EXPIRED, or "quarantined"
+    detail: str = ""
+    event_id: str | None = None
+    event_name: str | None = None
+    event_time: datetime | None = None
+
+
+def row_event_id(row: Mapping[str, Any]) -> str:
+    """The row's own event id (shared with a browser pixel), else the derived one."""
+    own = row.get("event_id")
+    if own is not None and str(own).strip():
+        return str(own).strip()[:128]
+    return derive_event_id(row.get("lead_id"), str(row.get("stage")))
+
+
+def plan_row(
+    row: Mapping[str, Any], dest: DestinationConfig, module: Destination, now: datetime
+) -> Planned | Rejected:
+    """Decides what one source row becomes for one destination (pure: render uses it too)."""
+    problem = quality.check_row(row, now, dest.future_tolerance)
+    if problem:
+        return Rejected(problem[0], "quarantined", problem[1])
+    stage = str(row["stage"]).strip()
+    event_name = dest.stages.get(stage)
+    if event_name is None:
+        return Rejected("stage_not_mapped", SKIPPED)
+    event_id = row_event_id(row)
+    event_time = to_utc(row["event_time"])
+    assert event_time is not None  # checked by the contract
+    skip = module.check_row(row, dest)
+    if skip is None:
+        max_age = dest.max_event_age or module.LIMITS.max_event_age
+        if max_age is not None and event_time < now - max_age + module.LIMITS.stage_margin:
+            skip = Skip("event_too_old", expired=True)
+    body: dict[str, Any] | None = None
+    if skip is None:
+        body = module.build_event(row, dest, event_name, event_id, event_time)
+        skip = module.check_event(body, dest)
+    if skip is not None:
+        return Rejected(skip.reason, EXPIRED if skip.expired else SKIPPED, "", event_id,
+                        event_name, event_time)
+    assert body is not None
+    envelope = {"event_id": event_id, "event_time": int(event_time.timestamp()), "body": body}
+    return Planned(event_id, event_name, event_time, envelope)
+
+
+def render_requests(
+    rows: Iterable[Mapping[str, Any]],
+    dest: DestinationConfig,
+    creds: Any,
+    now: datetime,
+) -> Iterator[dict[str, Any]]:
+    """What a run would send for these rows: one line per request, one per skipped row.
+
+    Same planning code as the DAG; no state, no network. Secrets are masked.
+    """
+    module = get_destination(dest.type)
+    size = min(dest.batch_size or module.LIMITS.max_batch_events, module.LIMITS.max_batch_events)
+    batch: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def flush() -> Iterator[dict[str, Any]]:
+        if batch:
+            request = module.build_request(batch, creds, dest)
+            yield {"destination": dest.name, **_render(request)}
+            batch.clear()
+
+    for row in rows:
+        planned = plan_row(row, dest, module, now)
+        if isinstance(planned, Rejected):
+            yield {"skipped": {"lead_id": _str(row.get("lead_id")), "stage": _str(row.get("stage")),
+                               "reason": planned.reason}}
+            continue
+        if planned.event_id in seen:
+            yield {"skipped": {"lead_id": _str(row.get("lead_id")), "stage": _str(row.get("stage")),
+                               "reason": "duplicate_event_id"}}
+            continue
+        seen.add(planned.event_id)
+        batch.append(planned.envelope["body"])
+        if len(batch) >= size:
+            yield from flush()
+    yield from flush()
+
+
+def _render(request: HttpRequest) -> dict[str, Any]:
+    masked = request.masked()
+    return {"method": masked["method"], "url": masked["url"], "body": masked["body"]}
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+@dataclass
+class _Buffer:
+    envelopes: list[dict[str, Any]] = field(default_factory=list)
+    records: list[LedgerRecord] = field(default_factory=list)
+    ids: set[str] = field(default_factory=set)
+    prev: Cursor | None = None
+
+
+class Pipeline:
+    """The steps of one destination's run, over the state store and the warehouse."""
+
+    def __init__(
+        self,
+        config: Config,
+        dest: DestinationConfig,
+        state: StateStore,
+        warehouse: Engine,
+        *,
+        credentials: Callable[[], Any] | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.dest = dest
+        self.state = state
+        self.warehouse = warehouse
+        self.module = get_destination(dest.type)
+        self._credentials = credentials
+        self.clock = clock
+        self.sleep = sleep
+
+    # -- lease ----------------------------------------------------------------------------
+
+    def _hold(self, run_id: str) -> None:
+        if not self.state.acquire_lease(self.dest.name, run_id, self.config.state.lease_ttl):
+            raise LeaseBusyError(
+                f"run {run_id} lost the lease on {self.dest.name!r} to "
+                f"{self.state.lease_holder(self.dest.name)}; stopping so runs never interleave"
+            )
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def open_run(self, run_id: str) -> dict[str, Any]:
+        """Takes the destination's lease, plans the window and records the run."""
+        self.state.migrate()
+        cfg = self.config.state
+        self.state.wait_for_lease(self.dest.name, run_id, cfg.lease_ttl, cfg.lease_wait)
+        watermark = self.state.get_watermark(self.dest.name)
+        window = plan_window(watermark, self.clock(), self.config.source.lookback,
+                             self.config.source.settle_lag)
+        self.state.start_run(run_id, self.dest.name, window.lo.ts if window.lo else None,
+                             window.hi, watermark)
+        log.info("run %s of %s: window (%s, %s], watermark %s", run_id, self.dest.name,
+                 window.lo.ts.isoformat() if window.lo else "start", window.hi.isoformat(),
+                 watermark.as_dict() if watermark else None)
+        return {"run_id": run_id, "window_lo": window.lo.ts.isoformat() if window.lo else None,
+                "window_hi": window.hi.isoformat()}
+
+    def _source(self) -> Source:
+        src = self.config.source
+        return Source(self.warehouse, src.read_query(), src.chunk_size, src.page_size)
+
+    def stage(self, run_id: str) -> dict[str, Any]:
+        """Reads the window, applies the contract and eligibility, writes outbox batches.
+
+        Returns the ids of every pending batch of the destination (older runs' first) and the
+        counts. Identifiers are hashed in memory; only hashed payloads reach the outbox.
+        """
+        self._hold(run_id)
+        run = self.state.get_run(run_id, self.dest.name)
+        if run is None:
+            raise RuntimeError(f"run {run_id} was not opened for {self.dest.name}")
+        source = self._source()
+        source.check_columns()
+        lo = run["watermark_before"]
+        window = plan_window(lo, run["window_hi"] + self.config.source.settle_lag,
+                             self.config.source.lookback, self.config.source.settle_lag)
+        now = self.clock()
+        size = min(self.dest.batch_size or self.module.LIMITS.max_batch_events,
+                   self.module.LIMITS.max_batch_events)
+        counts: Counter[str] = Counter()
+        open_quarantine = self.state.open_quarantine_keys(self.dest.name)
+        buf = _Buffer()
+        seq = 0
+        prev_row: Cursor | None = None
+        last: Cursor | None = None
+
+        def flush() -> None:
+            nonlocal seq
+            if not buf.envelopes:
+                return
+            seq += 1
+            batch_id = uuid.uuid4().hex
+            records = [
+                LedgerRecord(r.event_id, r.lead_id, r.stage, r.event_name, PENDING, r.source_ts,
+                             r.event_time, batch_id=batch_id)
+                for r in buf.records
+            ]
+            self.state.stage_batch(self.dest.name, run_id, batch_id, seq, buf.envelopes,
+                                   records, buf.prev)
+            counts["staged"] += len(buf.envelopes)
+            counts["batches"] += 1
+            buf.envelopes, buf.records, buf.ids, buf.prev = [], [], set(), None
+
+        with self.state.heartbeat(self.dest.name, run_id, self.config.state.lease_ttl):
+            for chunk in source.stream(window):
+                plans: list[tuple[dict[str, Any], Cursor | None, Planned | Rejected]] = []
+                for row in chunk:
+                    plans.append((row, prev_row, plan_row(row, self.dest, self.module, now)))
+                    prev_row = row["_cursor"]
+                counts["read"] += len(chunk)
+                last = prev_row
+                ids = [p.event_id for _, _, p in plans if p.event_id]
+                known = self.state.ledger_lookup(self.dest.name, ids)
+                terminal: list[LedgerRecord] = []
+                quarantined: list[QuarantineRecord] = []
+                passed: list[tuple[str, str]] = []
+                for row, prev, plan in plans:
+                    cursor: Cursor = row["_cursor"]
+                    key = (str(row.get("lead_id")), str(row.get("stage")))
+                    if isinstance(plan, Rejected) and plan.status == "quarantined":
+                        quarantined.append(QuarantineRecord(key[0][:128], key[1][:64],
+                                                            plan.reason, plan.detail, cursor.ts))
+                        counts["quarantined"] += 1
+                        counts[f"quarantined.{plan.reason}"] += 1
+                        continue
+                    if key in open_quarantine:
+                        passed.append(key)
+                    if isinstance(plan, Rejected) and plan.event_id is None:
+                        counts["skipped"] += 1
+                        counts[f"skipped.{plan.reason}"] += 1
+                        continue
+                    event_id = plan.event_id
+                    assert event_id is not None
+                    entry = known.get(event_id)
+                    if event_id in buf.ids or (entry and entry.status == PENDING):
+                        counts["in_flight"] += 1
+                        continue
+                    if entry and entry.status in (DELIVERED, FAILED):
+                        counts[f"already_{entry.status}"] += 1
+                        continue
+                    if entry and entry.status in REEVALUATE and cursor.ts <= entry.source_ts:
+                        counts["unchanged"] += 1
+                        continue
+                    if isinstance(plan, Rejected):
+                        terminal.append(LedgerRecord(
+                            event_id, key[0][:128], key[1][:64], plan.event_name, plan.status,
+                            cursor.ts, plan.event_time, reason=plan.reason))
+                        bucket = "expired" if plan.status == EXPIRED else "skipped"
+                        counts[bucket] += 1
+                        counts[f"{bucket}.{plan.reason}"] += 1
+                        continue
+                    if not buf.envelopes:
+                        buf.prev = prev
+                    buf.envelopes.append(plan.envelope)
+                    buf.ids.add(event_id)
+                    buf.records.append(LedgerRecord(
+                        event_id, key[0][:128], key[1][:64], plan.event_name, PENDING, cursor.ts,
+                        plan.event_time))
+                    if len(buf.envelopes) >= size:
+                        flush()
+                if terminal:
+                    self.state.record_terminal(self.dest.name, run_id, terminal)
+                if quarantined:
+                    self.state.quarantine_rows(self.dest.name, run_id, quarantined)
+                if passed:
+                    counts["quarantine_resolved"] += self.state.resolve_quarantine(
+                        self.dest.name, passed)
+            flush()
+        self.state.update_run(run_id, self.dest.name, counts=counts, window_max=last)
+        batch_ids = self.state.pending_batch_ids(self.dest.name)
+        log.info("staged %s: %s; %d batch(es) to push", self.dest.name, dict(counts),
+                 len(batch_ids))
+        return {"batch_ids": batch_ids, "counts": dict(counts)}
+
+    def push(self, run_id: str, batch_id: str, client: HttpClient | None = None) -> dict[str, int]:
+        """Sends one outbox batch and records each event's outcome."""
+        self._hold(run_id)
+        batch = self.state.load_batch(batch_id)
+        if batch is None or batch.status != "pending":
+            return {}  # already done (a cleared or retried task): nothing is sent twice
+        if self._credentials is None:
+            raise RuntimeError("no credentials provider given to the pipeline")
+        creds = self._credentials()
+        own_client = client is None
+        http = client or HttpClient(timeout=self.dest.retry.timeout.total_seconds())
+        sender = BatchSender(self.module, creds, self.dest, http, sleep=self.sleep or time.sleep)
+        try:
+            with self.state.heartbeat(self.dest.name, run_id, self.config.state.lease_ttl):
+                report = sender.deliver(batch.events, self.clock())
+        finally:
+            if own_client:
+                http.close()
+        counts = dict(summarize(report))
+        self.state.record_outcomes(batch, report.outcomes, run_id, counts)
+        log.info("batch %s of %s: %s", batch_id, self.dest.name, counts)
+        if report.error is not None:
+            raise report.error
+        return counts
+
+    def commit(self, run_id: str) -> dict[str, Any]:
+        """Advances the watermark past terminal rows only, closes the run, frees the lease."""
+        self._hold(run_id)
+        pending = self.state.pending_batch_ids(self.dest.name)
+        status = "success" if not pending else "partial"
+        before, after = self.state.commit_run(run_id, self.dest.name, status)
+        self.state.release_lease(self.dest.name, run_id)
+        run = self.state.get_run(run_id, self.dest.name) or {}
+        summary = {
+            "destination": self.dest.name,
+            "run_id": run_id,
+            "status": status,
+            "pending_batches": len(pending),
+            "watermark_before": before.as_dict() if before else None,
+            "watermark_after": after.as_dict() if after else None,
+            "counts": run.get("counts", {}),
+        }
+        log.info("committed %s: %s", self.dest.name, summary)
+        return summary
+
+    def run(self, run_id: str | None = None) -> dict[str, Any]:
+        """All steps in this process (CLI, benchmarks); the DAG runs the same steps as tasks."""
+        run_id = run_id or f"local__{utcnow().strftime('%Y%m%dT%H%M%S')}_{uuid.uuid4().hex[:6]}"
+        self.open_run(run_id)
+        staged = self.stage(run_id)
+        errors: list[Exception] = []
+        client = HttpClient(timeout=self.dest.retry.timeout.total_seconds())
+        try:
+            for batch_id in staged["batch_ids"]:
+                try:
+                    self.push(run_id, batch_id, client)
+                except Exception as exc:
+                    errors.append(exc)
+                    if not isinstance(exc, RuntimeError):
+                        raise
+        finally:
+            client.close()
+        summary = self.commit(run_id)
+        if errors:
+            summary["errors"] = [str(e) for e in errors]
+        return summary
+
+
+__all__ = ["DELIVERED", "FAILED", "Pipeline", "Planned", "Rejected", "plan_row",
+           "render_requests", "row_event_id"]

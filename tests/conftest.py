@@ -1,0 +1,84 @@
+"""Shared fixtures: an isolated LEADSYNC_HOME/AIRFLOW_HOME, Postgres databases, the sandbox.
+
+Environment is set before anything imports Airflow, so the whole session uses a private
+Airflow metadata database under a temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_HOME = Path(tempfile.mkdtemp(prefix="leadsync-test-"))
+os.environ["LEADSYNC_HOME"] = str(_HOME)
+os.environ["AIRFLOW_HOME"] = str(_HOME / "airflow")
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
+os.environ.pop("LEADSYNC_CONFIG", None)
+for _key in list(os.environ):
+    if _key.startswith("AIRFLOW_CONN_LEADSYNC"):
+        del os.environ[_key]
+
+PG_ADMIN_URL = os.environ.get(
+    "LEADSYNC_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+)
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _pg_reachable() -> str | None:
+    from sqlalchemy import create_engine, text
+
+    try:
+        engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+        return None
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+
+
+def require_postgres() -> None:
+    """Skips (or, in CI, fails) when the Postgres server cannot be reached."""
+    problem = _pg_reachable()
+    if problem:
+        message = f"PostgreSQL at {PG_ADMIN_URL} is unreachable ({problem})"
+        if IN_CI:
+            pytest.fail(message + " — CI requires it", pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty Postgres database for one test (dropped afterwards)."""
+    require_postgres()
+    from sqlalchemy import create_engine, text
+
+    name = f"leadsync_t_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
+            ), {"n": name})
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+@pytest.fixture
+def home() -> Path:
+    """The session's LEADSYNC_HOME."""
+    return _HOME
