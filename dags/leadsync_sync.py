@@ -79,14 +79,22 @@ def build_dag(dest: DestinationConfig) -> DAG:
 
         @task(trigger_rule="all_done")
         def commit_watermark(**context: Any) -> dict[str, Any]:
-            from airflow.sdk.exceptions import AirflowSkipException
+            from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
             from leadsync.tasks import pipeline_for
 
             pipeline = pipeline_for(dest.name)
             if pipeline.state.get_run(context["run_id"], dest.name) is None:
                 raise AirflowSkipException("this run never opened (another run held the lease)")
-            return pipeline.commit(context["run_id"])
+            summary = pipeline.commit(context["run_id"])
+            if summary["pending_batches"]:
+                # The leaf task decides the run's colour: a run that left events pending is red.
+                raise AirflowFailException(
+                    f"{summary['pending_batches']} outbox batch(es) of {dest.name} are still "
+                    "pending (see push_batch logs); the next run resends them with the same "
+                    "event ids"
+                )
+            return summary
 
         run = open_run()
         batches = stage_events(run)  # type: ignore[arg-type]  # XComArg resolves at runtime
