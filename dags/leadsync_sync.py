@@ -5,12 +5,21 @@ One DAG per destination in `include/leadsync.yaml` (dag_id `leadsync_<name>`). E
 
 1. **open_run** takes the destination's lease in the state store (two runs never interleave),
    and plans the window: from the watermark minus the lookback to now minus the settle lag.
-2. **stage_events** streams the window from the warehouse, checks each row against the data
-   contract (bad rows go to quarantine with a rule code), decides eligibility (stage mapped,
-   consent, age window, match keys), hashes identifiers and writes outbox batches (hashed only).
-3. **push_batch** (mapped, one task per outbox batch, older leftovers first) sends one request
+2. **check_contract** validates the window against the data contract (a Great Expectations
+   suite, batch by batch): rows that break a rule go to quarantine with the rule's code, the
+   counts per rule are in the log and the XCom, and the log says where the Data Docs are. If
+   the window is broken (a missing column, a column of the wrong type, or more failing rows
+   than `contract.failure_threshold`), the task fails and nothing is staged or sent.
+3. **stage_events** streams the window again, skips the rows the check quarantined, decides
+   eligibility (stage mapped, consent, age window, match keys), hashes identifiers and writes
+   outbox batches (hashed only).
+4. **push_batch** (mapped, one task per outbox batch, older leftovers first) sends one request
    and records each event's outcome in the ledger.
-4. **commit_watermark** moves the watermark past terminal rows only and frees the lease.
+5. **commit_watermark** moves the watermark past terminal rows only and frees the lease; after
+   a failed contract check it only frees the lease (the watermark stays).
+6. **check_requests** (platforms that process asynchronously: Google Data Manager), alongside
+   the steps after open_run, looks up the processing status of requests sent by earlier runs
+   and records per-batch outcome counts in the state store and the run's counts.
 
 Rerunning is always safe: delivered events are never sent again, pending batches are resent
 with the same event ids (the platform deduplicates). XCom carries run and batch ids and
@@ -27,6 +36,7 @@ from airflow.sdk import DAG, task
 from airflow.timetables.trigger import CronTriggerTimetable
 
 from leadsync.config import DestinationConfig, get_config
+from leadsync.destinations import has_request_status
 
 
 def build_dag(dest: DestinationConfig) -> DAG:
@@ -60,6 +70,18 @@ def build_dag(dest: DestinationConfig) -> DAG:
                 raise AirflowSkipException(str(exc)) from None
 
         @task
+        def check_contract(run: dict[str, Any]) -> dict[str, Any]:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            from leadsync.quality import ContractViolation
+            from leadsync.tasks import pipeline_for
+
+            try:
+                return pipeline_for(dest.name).check(run["run_id"])
+            except ContractViolation as exc:
+                raise AirflowFailException(str(exc)) from None  # no retry: fix the source first
+
+        @task
         def stage_events(run: dict[str, Any]) -> list[str]:
             from leadsync.tasks import pipeline_for
 
@@ -87,6 +109,12 @@ def build_dag(dest: DestinationConfig) -> DAG:
             if pipeline.state.get_run(context["run_id"], dest.name) is None:
                 raise AirflowSkipException("this run never opened (another run held the lease)")
             summary = pipeline.commit(context["run_id"])
+            if summary["status"] in ("contract_failed", "check_failed"):
+                raise AirflowFailException(
+                    f"the data contract check of {dest.name} did not pass (see check_contract): "
+                    "nothing was staged or sent by this run, the watermark stays at "
+                    f"{summary['watermark_after']}, and the lease is released"
+                )
             if summary["pending_batches"]:
                 # The leaf task decides the run's colour: a run that left events pending is red.
                 raise AirflowFailException(
@@ -97,9 +125,23 @@ def build_dag(dest: DestinationConfig) -> DAG:
             return summary
 
         run = open_run()
-        batches = stage_events(run)  # type: ignore[arg-type]  # XComArg resolves at runtime
+        checked = check_contract(run)  # type: ignore[arg-type]  # XComArg resolves at runtime
+        batches = stage_events(run)  # type: ignore[arg-type]
+        checked >> batches
         pushed = push_batch.expand(batch_id=batches)
-        batches >> pushed >> commit_watermark()
+        committed = commit_watermark()
+        batches >> pushed >> committed
+
+        if has_request_status(dest.type):
+
+            @task
+            def check_requests(run: dict[str, Any]) -> dict[str, int]:
+                from leadsync.request_status import check_requests_for
+
+                return check_requests_for(dest.name, run["run_id"])
+
+            # A leaf beside commit_watermark (which decides the run's colour), not after it.
+            check_requests(run)  # type: ignore[arg-type]
     return dag
 
 

@@ -78,7 +78,55 @@ def pg_url() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def pg_session_url() -> Iterator[str]:
+    """One Postgres database for the whole session (see ``pg_empty_url``)."""
+    require_postgres()
+    from sqlalchemy import create_engine, text
+
+    name = f"leadsync_s_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
+            ), {"n": name})
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_empty_url(pg_session_url: str) -> str:
+    """An empty Postgres database for one test, like ``pg_url`` but ~10x cheaper: the session
+    database with other connections closed and its ``public`` schema recreated."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(pg_session_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ))
+            conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
+    finally:
+        engine.dispose()
+    return pg_session_url
+
+
 @pytest.fixture
 def home() -> Path:
     """The session's LEADSYNC_HOME."""
     return _HOME
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--schedules", type=int, default=int(os.environ.get(
+        "LEADSYNC_SCHEDULES", "200")), help="random fault schedules for the fault-injection suite")
+    parser.addoption("--schedule-seed", type=int, default=int(os.environ.get(
+        "LEADSYNC_SCHEDULE_SEED", "20261126")), help="base seed of the fault schedules")

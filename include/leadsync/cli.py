@@ -20,6 +20,10 @@ from leadsync.config import PROJECT_DIR, ConfigError, get_config, leadsync_home
 
 SANDBOX_META_TOKEN = "sandbox-meta-token"  # noqa: S105 - the local emulator's fixed token
 SANDBOX_META_PIXEL = "1234567890123456"
+SANDBOX_TIKTOK_TOKEN = "sandbox-tiktok-token"  # noqa: S105 - the local emulator's fixed token
+SANDBOX_TIKTOK_CRM_EVENT_SET = "SANDBOXCRM00000000001"
+SANDBOX_TIKTOK_PIXEL = "SANDBOXPIXEL000000001"
+SANDBOX_GOOGLE_TOKEN = "sandbox-google-token"  # noqa: S105 - a static bearer, no OAuth
 
 
 class CliError(RuntimeError):
@@ -45,17 +49,26 @@ def airflow_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def ensure_airflow_db(env: dict[str, str]) -> None:
-    """Creates the local Airflow metadata DB and the destination pools once."""
+    """Creates the local Airflow metadata DB once, and a pool per configured destination.
+
+    The marker file lists what exists, so a destination added to the config later gets its
+    pool on the next demo without re-running the migration.
+    """
     home = Path(env["AIRFLOW_HOME"])
     marker = home / ".leadsync-initialised"
-    if marker.exists():
-        return
+    done = set(marker.read_text().split()) if marker.exists() else set()
     home.mkdir(parents=True, exist_ok=True)
-    _airflow(["db", "migrate"], env, "creating the local Airflow database")
+    if "db" not in done:
+        _airflow(["db", "migrate"], env, "creating the local Airflow database")
+        done.add("db")
+        marker.write_text("\n".join(sorted(done)) + "\n")
     for dest in get_config().destinations:
+        if f"pool:{dest.pool}" in done:
+            continue
         _airflow(["pools", "set", dest.pool, str(dest.pool_slots),
                   f"leadsync: shares the {dest.name} API rate limit"], env, f"pool {dest.pool}")
-    marker.write_text("ok\n")
+        done.add(f"pool:{dest.pool}")
+        marker.write_text("\n".join(sorted(done)) + "\n")
 
 
 def _airflow(args: list[str], env: dict[str, str], what: str,
@@ -72,18 +85,36 @@ def _airflow(args: list[str], env: dict[str, str], what: str,
     return proc
 
 
+def sandbox_connection(dest: Any, url: str) -> dict[str, Any]:
+    """The connection fields (conn_type, host, password, extra) that point one destination at
+    the local sandbox; ``module.parse_credentials(host, password, extra)`` accepts them."""
+    if dest.type == "meta":
+        return {"conn_type": "http", "host": url, "password": SANDBOX_META_TOKEN,
+                "extra": {"pixel_id": SANDBOX_META_PIXEL, "api_version": "v25.0"}}
+    if dest.type == "tiktok":
+        source = SANDBOX_TIKTOK_CRM_EVENT_SET if dest.shape == "crm" else SANDBOX_TIKTOK_PIXEL
+        return {"conn_type": "http", "host": url, "password": SANDBOX_TIKTOK_TOKEN,
+                "extra": {"event_source_id": source}}
+    if dest.type in ("google_datamanager", "google_ads"):
+        # A static token: the sandbox stands in for Google, no OAuth endpoint is contacted.
+        return {"conn_type": "http", "host": url, "extra": {"access_token": SANDBOX_GOOGLE_TOKEN}}
+    raise CliError(f"destination {dest.name!r}: no sandbox for type {dest.type!r}")
+
+
+def sandbox_credentials(dest: Any, url: str) -> Any:
+    """The destination's credentials object for the sandbox at ``url`` (benchmarks, tests)."""
+    from leadsync.destinations import get_destination
+
+    fields = sandbox_connection(dest, url)
+    return get_destination(dest.type).parse_credentials(fields.get("host"),
+                                                        fields.get("password"),
+                                                        fields.get("extra", {}))
+
+
 def sandbox_connections(url: str) -> dict[str, str]:
     """Connections that point every destination at the local sandbox."""
-    env: dict[str, str] = {}
-    for dest in get_config().destinations:
-        if dest.type == "meta":
-            env[f"AIRFLOW_CONN_{dest.conn_id.upper()}"] = json.dumps({
-                "conn_type": "http",
-                "host": url,
-                "password": SANDBOX_META_TOKEN,
-                "extra": {"pixel_id": SANDBOX_META_PIXEL, "api_version": "v25.0"},
-            })
-    return env
+    return {f"AIRFLOW_CONN_{dest.conn_id.upper()}": json.dumps(sandbox_connection(dest, url))
+            for dest in get_config().destinations}
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -101,7 +132,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     env = airflow_env()
     warehouse = make_engine(_db_url(config.source.connection_id, "warehouse"))
     now = datetime.now(UTC)
-    seeded = demo_data.seed(warehouse, args.leads, now - timedelta(minutes=1))
+    seeded = demo_data.seed(warehouse, args.leads, now - timedelta(minutes=1), broken_rows=True)
     if seeded:
         print(f"seeded the embedded warehouse with {seeded} lead stage changes")
     if args.add:
@@ -163,6 +194,12 @@ def _print_demo_summary(results: list[Any], stats: dict[str, Any]) -> None:
               f"expired {counts.get('expired', 0)}, skipped {counts.get('skipped', 0)}, "
               f"quarantined {counts.get('quarantined', 0)}, "
               f"failed {counts.get('failed', 0)}")
+        if "checked" in counts:
+            rules = {k.split(".", 1)[1]: v for k, v in counts.items()
+                     if k.startswith("quarantined.")}
+            by_rule = ", ".join(f"{k}={v}" for k, v in sorted(rules.items())) or "none"
+            print(f"   contract : checked {counts['checked']} rows; quarantined by rule: "
+                  f"{by_rule}")
         reasons = {k: v for k, v in counts.items() if "." in k}
         if reasons:
             print("   reasons  : " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
@@ -171,11 +208,21 @@ def _print_demo_summary(results: list[Any], stats: dict[str, Any]) -> None:
               f"skipped {state['skipped']}, quarantined {state['quarantined']}")
         wm = state["watermark"]
         print(f"   watermark: {wm['updated_at'] if wm else 'none yet'}")
+        if (run or {}).get("status") in ("contract_failed", "check_failed"):
+            print("   contract : FAILED — nothing sent; see check_contract in the log")
         platform = stats.get(dest.type, {})
         if platform:
             print(f"   sandbox  : {platform.get('unique_events', 0)} unique events accepted "
                   f"in total, {platform.get('duplicate_events', 0)} duplicates, "
                   f"{platform.get('rejected_requests', 0)} rejected requests")
+    _print_data_docs()
+
+
+def _print_data_docs() -> None:
+    config = get_config()
+    index = config.contract.data_docs_path() / "index.html"
+    if config.contract.enabled and config.contract.data_docs and index.exists():
+        print(f"data contract Data Docs (one page per run and destination): {index}")
 
 
 def _last_run(store: Any, destination: str) -> dict[str, Any] | None:
@@ -210,7 +257,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     """Prints the requests that rows given as JSON lines would produce (no network)."""
     from leadsync.pipeline import render_requests
 
-    dest = get_config().destination(args.destination)
+    config = get_config()
+    dest = config.destination(args.destination)
     now = _parse_now(args.now)
     creds = _render_credentials(dest)
     rows = []
@@ -224,7 +272,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         if not isinstance(row, dict):
             raise CliError(f"stdin line {number} is not a JSON object")
         rows.append(row)
-    for item in render_requests(rows, dest, creds, now):
+    # The data contract runs first (its Great Expectations suite, in memory): rows it rejects
+    # come out as {"skipped": {..., "reason": "<rule code>"}}.
+    for item in render_requests(rows, dest, creds, now, config=config):
         print(json.dumps(item, ensure_ascii=False, sort_keys=False))
     return 0
 
@@ -240,7 +290,16 @@ def _render_credentials(dest: Any) -> Any:
         return LeadsyncDestinationHook(dest.conn_id, dest.type).credentials
     except CredentialsError:
         module = get_destination(dest.type)
-        return module.parse_credentials(None, "placeholder", {"pixel_id": SANDBOX_META_PIXEL})
+        placeholders: dict[str, tuple[str | None, dict[str, Any]]] = {
+            "meta": ("placeholder", {"pixel_id": SANDBOX_META_PIXEL}),
+            "tiktok": ("placeholder", {"event_source_id": SANDBOX_TIKTOK_CRM_EVENT_SET
+                                       if dest.shape == "crm" else SANDBOX_TIKTOK_PIXEL}),
+            # Never used to mint anything: render sends nothing and masks auth headers.
+            "google_datamanager": (None, {"access_token": "placeholder"}),
+            "google_ads": (None, {"access_token": "placeholder"}),
+        }
+        password, extra = placeholders[dest.type]
+        return module.parse_credentials(None, password, extra)
 
 
 def _parse_now(text: str | None) -> datetime:
@@ -261,9 +320,19 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         raise CliError("--host: the sandbox only listens on loopback (127.0.0.1, ::1)")
     cfg = SandboxConfig(meta_tokens={SANDBOX_META_TOKEN}, meta_pixels={SANDBOX_META_PIXEL},
+                        tiktok_tokens={SANDBOX_TIKTOK_TOKEN},
+                        tiktok_event_sources={SANDBOX_TIKTOK_CRM_EVENT_SET,
+                                              SANDBOX_TIKTOK_PIXEL},
+                        google_tokens={SANDBOX_GOOGLE_TOKEN},
                         store_path=args.store)
-    print(f"sandbox on http://{args.host}:{args.port} (Meta token {SANDBOX_META_TOKEN!r}, "
-          f"pixel {SANDBOX_META_PIXEL})", flush=True)
+    google = sorted(cfg.google_conversion_actions)
+    print(f"sandbox on http://{args.host}:{args.port}\n"
+          f"  Meta: token {SANDBOX_META_TOKEN!r}, pixel {SANDBOX_META_PIXEL}\n"
+          f"  TikTok: token {SANDBOX_TIKTOK_TOKEN!r}, event sources "
+          f"{SANDBOX_TIKTOK_CRM_EVENT_SET} (CRM), {SANDBOX_TIKTOK_PIXEL} (pixel)\n"
+          f"  Google (Data Manager, Ads API): bearer {SANDBOX_GOOGLE_TOKEN!r}, customers "
+          f"{', '.join(sorted(cfg.google_customers))}, conversion actions "
+          f"{', '.join(google)}", flush=True)
     serve(host=args.host, port=args.port, config=cfg)
     return 0
 

@@ -6,6 +6,7 @@ with :class:`ConfigError`, whose message names the key and the problem.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from datetime import timedelta
@@ -31,7 +32,10 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
-DESTINATION_TYPES = ("meta",)
+DESTINATION_TYPES = ("meta", "tiktok", "google_datamanager", "google_ads")
+_GOOGLE_TYPES = ("google_datamanager", "google_ads")
+_CUSTOMER_ID_RE = re.compile(r"^\d{10}$")
+_CONVERSION_ACTION_RE = re.compile(r"^\d{1,20}$")
 
 
 class ConfigError(ValueError):
@@ -47,12 +51,22 @@ def parse_duration(value: Any) -> timedelta:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return timedelta(seconds=float(value))
+        return _seconds(float(value), value)
     if isinstance(value, str):
         match = _DURATION_RE.match(value)
         if match:
-            return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+            return _seconds(float(match.group(1)) * _UNITS[match.group(2)], value)
     raise ValueError(f"expected a duration like '5m', '2h' or '7d', got {value!r}")
+
+
+def _seconds(seconds: float, value: Any) -> timedelta:
+    # YAML's .inf/.nan and absurd sizes would escape as OverflowError, not as a ConfigError.
+    if not math.isfinite(seconds):
+        raise ValueError(f"a duration must be a finite number of seconds, got {value!r}")
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        raise ValueError(f"duration {value!r} is too large") from None
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
@@ -111,7 +125,7 @@ class DestinationConfig(_Strict):
     """One platform destination: its own DAG, watermark and ledger."""
 
     name: str
-    type: Literal["meta"]
+    type: Literal["meta", "tiktok", "google_datamanager", "google_ads"]
     schedule: str = "@hourly"
     connection_id: str | None = None
     enabled: bool = True
@@ -124,6 +138,23 @@ class DestinationConfig(_Strict):
     future_tolerance: Duration = timedelta(seconds=60)
     retry: RetryConfig = RetryConfig()
     pool_slots: int = Field(default=4, ge=1, le=128)
+    # Google (google_datamanager, google_ads): the Google Ads account that owns the
+    # conversion actions (the stage mapping's values), and the manager account the
+    # credentials sign in through, if any. 10 digits; hyphens are dropped.
+    customer_id: str | None = None
+    login_customer_id: str | None = None
+    # google_datamanager: Event.eventSource (WEB, APP, IN_STORE, PHONE, MESSAGE, OTHER).
+    event_source: str | None = None
+
+    @field_validator("customer_id", "login_customer_id", mode="before")
+    @classmethod
+    def _customer_id(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        text = re.sub(r"[\s-]", "", str(value))
+        if not _CUSTOMER_ID_RE.match(text):
+            raise ValueError(f"must be a 10-digit Google Ads customer id, got {value!r}")
+        return text
 
     @field_validator("name")
     @classmethod
@@ -162,7 +193,38 @@ class DestinationConfig(_Strict):
                         "crm_name: required for shape 'crm' (sent as lead_event_source, "
                         "e.g. 'HubSpot', 'Salesforce')"
                     )
+        if self.type == "tiktok" and self.shape == "crm" and not self.crm_name:
+            raise ValueError("crm_name: required for TikTok shape 'crm' (sent as "
+                             "lead.lead_event_source, e.g. 'HubSpot', 'Salesforce')")
+        if self.type != "meta" and self.action_source is not None:
+            raise ValueError(f"action_source: only for type 'meta', not {self.type!r}")
+        if self.type in _GOOGLE_TYPES:
+            self._google_rules()
+        else:
+            for key in ("customer_id", "login_customer_id", "event_source"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: only for Google types, not {self.type!r}")
         return self
+
+    def _google_rules(self) -> None:
+        if self.customer_id is None:
+            raise ValueError(f"customer_id: required for type {self.type!r} (the 10-digit "
+                             "Google Ads account that owns the conversion actions)")
+        for stage, action in self.stages.items():
+            if not _CONVERSION_ACTION_RE.match(str(action).strip()):
+                raise ValueError(f"stages.{stage}: must be the numeric id of a Google Ads "
+                                 f"conversion action for type {self.type!r}, got {action!r}")
+        actions = {str(a).strip() for a in self.stages.values()}
+        if self.type == "google_datamanager" and len(actions) > 10:
+            raise ValueError("stages: Data Manager takes at most 10 conversion actions per "
+                             f"request; this mapping has {len(actions)}")
+        if self.event_source is not None:
+            if self.type != "google_datamanager":
+                raise ValueError("event_source: only for type 'google_datamanager'")
+            allowed = ("WEB", "APP", "IN_STORE", "PHONE", "MESSAGE", "OTHER")
+            if self.event_source not in allowed:
+                raise ValueError(f"event_source: {self.event_source!r} is not one of "
+                                 f"{list(allowed)}")
 
     @property
     def conn_id(self) -> str:
@@ -180,11 +242,70 @@ class DestinationConfig(_Strict):
         return f"leadsync_{self.name}"
 
 
+class ContractConfig(_Strict):
+    """The data contract checked before anything is staged (rules: ``leadsync.quality``).
+
+    How far in the future an event may be is each destination's ``future_tolerance``: the
+    platforms differ there, and one knob per destination is enough.
+    """
+
+    enabled: bool = True
+    # Share of the window's rows that may fail before the run stops (the circuit breaker):
+    # past it the upstream is broken, and sending a fraction would mislead the platform.
+    failure_threshold: float = Field(default=0.2, ge=0.0, le=1.0)
+    # The share is judged on rows new since the watermark, once there are at least this many
+    # (three bad rows in a window of five are a quarantine matter, not a broken upstream).
+    failure_min_rows: int = Field(default=20, ge=1)
+    # More failing rows than this in one run also stops it (keeps quarantine writes bounded).
+    max_quarantined_rows: int = Field(default=10_000, ge=0)
+    # Rows per Great Expectations validation: the memory bound of the check.
+    batch_rows: int = Field(default=50_000, ge=100, le=200_000)
+    # CRM stages that no destination sends (lost, disqualified, ...): skipped, not quarantined.
+    known_stages: list[str] = []
+    # Rule codes to turn off (structural rules cannot be turned off).
+    disabled_rules: list[str] = []
+    # Look for rows whose updated_at is null (invisible to the incremental window): one
+    # extra query over the whole source per run.
+    scan_null_cursor: bool = True
+    data_docs: bool = True
+    # Where the HTML Data Docs go: default $LEADSYNC_HOME/data_docs; relative = under it.
+    data_docs_dir: str | None = None
+
+    @field_validator("known_stages")
+    @classmethod
+    def _known_stages(cls, value: list[str]) -> list[str]:
+        for stage in value:
+            if not str(stage).strip():
+                raise ValueError("stage names must be non-empty strings")
+        return value
+
+    @field_validator("disabled_rules")
+    @classmethod
+    def _disabled_rules(cls, value: list[str]) -> list[str]:
+        from leadsync.quality import RULES  # lazy: quality is not needed to parse a DAG
+
+        for code in value:
+            rule = RULES.get(code)
+            if rule is None:
+                raise ValueError(f"unknown rule {code!r}; known: {', '.join(RULES)}")
+            if rule.structural:
+                raise ValueError(f"{code!r} is structural and cannot be disabled")
+        return value
+
+    def data_docs_path(self) -> Path:
+        """The Data Docs directory (not created here)."""
+        if not self.data_docs_dir:
+            return leadsync_home() / "data_docs"
+        path = Path(self.data_docs_dir).expanduser()
+        return path if path.is_absolute() else leadsync_home() / path
+
+
 class Config(_Strict):
     """The whole file."""
 
     source: SourceConfig = SourceConfig()
     state: StateConfig = StateConfig()
+    contract: ContractConfig = ContractConfig()
     destinations: list[DestinationConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,17 +71,52 @@ def url_from_fields(
                           hide_password=False)
 
 
+_SQLITE_BUSY_TIMEOUT = 60.0
+
+
+def _enable_wal(cur: Any) -> None:
+    # Switching a database that is not in WAL mode yet takes an exclusive lock and, unlike
+    # other statements, fails at once with "database is locked" instead of waiting for the
+    # busy timeout: workers that open a new database at the same time would fail.
+    deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
 def make_engine(url: str) -> Engine:
-    """An engine tuned for our access pattern (SQLite: WAL + busy timeout)."""
+    """An engine tuned for our access pattern (SQLite: WAL + busy timeout; Postgres: UTC)."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 60})
+        engine = create_engine(url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
+            try:
+                _enable_wal(cur)
+                cur.execute("PRAGMA synchronous=NORMAL")
+            finally:
+                cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+    if engine.dialect.name == "postgresql":
+
+        @event.listens_for(engine, "connect", insert=True)
+        def _utc_session(dbapi_conn: Any, _record: Any) -> None:
+            # The contract reads a timestamp without time zone as UTC. Postgres compares such
+            # a column with our (aware, UTC) cursor bounds in the session's time zone, so a
+            # server set to anything else shifts the window and breaks keyset paging.
+            autocommit = dbapi_conn.autocommit
+            dbapi_conn.autocommit = True
+            cur = dbapi_conn.cursor()
+            cur.execute("SET TIME ZONE 'UTC'")
+            cur.close()
+            dbapi_conn.autocommit = autocommit
+
+    return engine

@@ -9,6 +9,12 @@ module decides what to do with each class.
   drop the events the platform names, else split the batch in halves until each bad event is
   alone, record it as failed with the platform's message, and deliver the rest once;
 - fatal: stop with a message that says what to fix.
+
+An accepted request may still settle some events differently (Google Ads API partial
+failures): named failures are recorded as failed, events the platform already had are
+delivered (by the earlier request), and events it asks to see again later stay pending in the
+outbox for the next run. A receipt (an asynchronous platform's request id) is kept with each
+delivered event so that a later run can check how the request was processed.
 """
 
 from __future__ import annotations
@@ -24,9 +30,17 @@ from typing import Any
 from leadsync.config import DestinationConfig, RetryConfig
 from leadsync.destinations.base import Destination, FatalDestinationError, ResultKind, SendResult
 from leadsync.destinations.http import HttpClient, TransportError
-from leadsync.state import DELIVERED, EXPIRED, FAILED, EventOutcome
+from leadsync.state import DELIVERED, EXPIRED, FAILED, PENDING, EventOutcome
 
 log = logging.getLogger(__name__)
+
+#: Ledger reason of an event delivered in a request the platform processes later; the
+#: ledger detail holds the platform's request id (see :mod:`leadsync.request_status`).
+RECEIPT_REASON = "receipt"
+#: Ledger reason of an event the platform already had (delivered by an earlier request).
+DUPLICATE_REASON = "duplicate"
+#: Ledger reason of a pending event the platform asked to send again later.
+DEFERRED_REASON = "deferred"
 
 
 class TransientExhaustedError(RuntimeError):
@@ -41,6 +55,8 @@ class DeliveryReport:
     requests: int = 0
     retries: int = 0
     acknowledged: int = 0
+    duplicates: int = 0
+    deferred: int = 0
     error: Exception | None = None
 
     def count(self, status: str) -> int:
@@ -106,31 +122,27 @@ class BatchSender:
         if not group:
             return
         result = self._send_with_retries(group, report)
+        settled = self._settle_named(group, result, report)
+        rest = [env for i, env in enumerate(group) if i not in settled]
         if result.kind is ResultKind.OK:
-            received = result.received if result.received is not None else len(group)
-            if received == len(group):
+            received = result.received if result.received is not None else len(rest)
+            if received == len(rest):
                 report.acknowledged += received
-                for env in group:
-                    report.outcomes[env["event_id"]] = EventOutcome(DELIVERED)
+                outcome = (EventOutcome(DELIVERED, RECEIPT_REASON, result.receipt)
+                           if result.receipt else EventOutcome(DELIVERED))
+                for env in rest:
+                    report.outcomes[env["event_id"]] = outcome
             else:
                 # G6: never claim delivery the platform did not acknowledge.
-                detail = f"platform acknowledged {received} of {len(group)} events"
-                for env in group:
+                detail = f"platform acknowledged {received} of {len(rest)} events"
+                for env in rest:
                     report.outcomes[env["event_id"]] = EventOutcome(FAILED, "ack_mismatch",
                                                                      detail)
             return
-        # PERMANENT: isolate the bad events.
-        if result.event_errors:
-            bad = {i for i in result.event_errors if 0 <= i < len(group)}
-            for i in bad:
-                report.outcomes[group[i]["event_id"]] = EventOutcome(
-                    FAILED, "rejected", _clip(result.event_errors[i]))
-            rest = [env for i, env in enumerate(group) if i not in bad]
-            if bad and rest:
-                self._send_group(rest, report)
-                return
-            if bad:
-                return
+        # PERMANENT: isolate the bad events, then deliver the rest once.
+        if settled:
+            self._send_group(rest, report)
+            return
         if len(group) == 1:
             report.outcomes[group[0]["event_id"]] = EventOutcome(
                 FAILED, "rejected", _clip(result.message))
@@ -138,6 +150,31 @@ class BatchSender:
         mid = len(group) // 2
         self._send_group(group[:mid], report)
         self._send_group(group[mid:], report)
+
+    def _settle_named(self, group: list[dict[str, Any]], result: SendResult,
+                      report: DeliveryReport) -> set[int]:
+        """Records the events the platform named; returns their indices in ``group``."""
+        n = len(group)
+        settled: set[int] = set()
+        for i, message in result.event_errors.items():
+            if 0 <= i < n:
+                report.outcomes[group[i]["event_id"]] = EventOutcome(FAILED, "rejected",
+                                                                     _clip(message))
+                settled.add(i)
+        for i in result.event_duplicates:
+            if 0 <= i < n and i not in settled:
+                report.outcomes[group[i]["event_id"]] = EventOutcome(DELIVERED,
+                                                                     DUPLICATE_REASON)
+                report.duplicates += 1
+                settled.add(i)
+        for i, message in result.event_deferred.items():
+            if 0 <= i < n and i not in settled:
+                # Pending: the batch keeps the event and a later run sends it again.
+                report.outcomes[group[i]["event_id"]] = EventOutcome(PENDING, DEFERRED_REASON,
+                                                                     _clip(message))
+                report.deferred += 1
+                settled.add(i)
+        return settled
 
     def _send_with_retries(self, group: list[dict[str, Any]],
                            report: DeliveryReport) -> SendResult:
@@ -185,6 +222,8 @@ def summarize(report: DeliveryReport) -> Mapping[str, int]:
         "delivered": report.count(DELIVERED),
         "failed": report.count(FAILED),
         "expired": report.count(EXPIRED),
+        "duplicates": report.duplicates,
+        "deferred": report.deferred,
         "requests": report.requests,
         "retries": report.retries,
     }

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from itertools import accumulate, islice
+from itertools import accumulate, chain, islice
 from operator import itemgetter
 from typing import Any
 
@@ -54,6 +54,7 @@ __all__ = [
     "TABLE_NAME",
     "add_changes",
     "create_schema",
+    "generate_broken_rows",
     "generate_funnel",
     "generate_rows_fast",
     "lead_stages_table",
@@ -931,7 +932,9 @@ def _load(engine: Engine, rows: Iterable[Row], only_if_empty: bool) -> int:
         return _insert_rows(connection, table, rows)
 
 
-def seed(engine: Engine, n_leads: int, now: datetime, seed: int = 7) -> int:
+def seed(
+    engine: Engine, n_leads: int, now: datetime, seed: int = 7, broken_rows: bool = False
+) -> int:
     """Create the table and fill it with ``generate_funnel(n_leads, now, seed)``, once.
 
     On PostgreSQL with psycopg2 the rows are streamed with ``COPY`` in chunks; elsewhere they
@@ -943,12 +946,59 @@ def seed(engine: Engine, n_leads: int, now: datetime, seed: int = 7) -> int:
         n_leads: Number of leads to invent (each yields one to four rows).
         now: The reference time (naive values are taken as UTC).
         seed: Random seed.
+        broken_rows: Also add :func:`generate_broken_rows` (the demo does), which the data
+            contract quarantines.
 
     Returns:
         The number of rows inserted, or 0 if the table already had rows.
     """
     create_schema(engine)
-    return _load(engine, generate_funnel(n_leads, now, seed), only_if_empty=True)
+    rows: Iterable[Row] = generate_funnel(n_leads, now, seed)
+    if broken_rows:
+        rows = chain(rows, generate_broken_rows(now))
+    return _load(engine, rows, only_if_empty=True)
+
+
+def generate_broken_rows(now: datetime) -> list[Row]:
+    """A handful of rows that break the data contract, the way real upstreams do.
+
+    Two of each: an event_time two days in the future (a timezone bug), a currency that is not
+    ISO-4217 (``US$``, ``€``), no match key at all (a list import with only a CRM id), and one
+    lead twice, the second time with a trailing space in its id (a re-import), which would
+    count one conversion twice. Deterministic for a given ``now``; lead ids start ``00QX``, which
+    :func:`generate_funnel` never produces (its ids are hexadecimal).
+
+    Args:
+        now: The reference time (naive values are taken as UTC).
+
+    Returns:
+        Eight rows keyed by the column names of ``crm_lead_stages``.
+    """
+    rng = random.Random(4242)
+    now_ms = _to_ms(now)
+    updated = _from_ms(now_ms - 12 * _MIN)
+    event_ms = now_ms - 1 * _HOUR
+    rows: list[Row] = []
+
+    def lead(lead_id: str) -> _Lead:
+        return _new_lead(rng, lead_id, event_ms - _DAY)
+
+    for i in (1, 2):
+        rows.append(_stage_row(rng, lead(f"00QXFUTURE{i:06d}"), "lead",
+                               now_ms + 2 * _DAY + i * _MIN, updated))
+    for i, currency in ((1, "US$"), (2, "€")):
+        row = _stage_row(rng, lead(f"00QXCURRENCY{i:04d}"), "won", event_ms, updated)
+        rows.append({**row, "value": _money(1_250_00 * i), "currency": currency})
+    blank = {"email", "phone", "first_name", "last_name", "external_id", "fbc", "fbp", "ttclid",
+             "ttp", "gclid", "gbraid", "wbraid", "client_ip", "user_agent", "event_source_url",
+             "meta_lead_id", "tiktok_lead_id", "date_of_birth", "gender"}
+    for i in (1, 2):
+        row = _stage_row(rng, lead(f"00QXNOKEYS{i:06d}"), "lead", event_ms, updated)
+        rows.append({k: (None if k in blank else v) for k, v in row.items()})
+    twin = _stage_row(rng, lead("00QXDUPLICATE0001"), "qualified", event_ms, updated)
+    rows.append(twin)
+    rows.append({**twin, "lead_id": twin["lead_id"] + " "})
+    return rows
 
 
 def add_changes(engine: Engine, n: int, now: datetime, seed: int | None = None) -> int:

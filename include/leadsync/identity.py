@@ -6,7 +6,8 @@ platform expects, or ``None`` when the value is empty or unusable (the field is 
 never hashed). A :class:`Ruleset` lists, per platform, which source column feeds which payload
 key, how it is normalised and whether it is hashed; :func:`hash_identifiers` applies one to a row.
 
-Decisions (see ``/work/shared/platforms.md`` §1.3, §2.3, §3.3 and §4):
+Decisions (the platform rules are in the shared platform reference, platforms.md §1.3, §2.3,
+§3.3 and the cheat-sheet in §4):
 
 * Only SHA-256 hex (64 chars, any case) counts as "already hashed" and passes through lowercased.
   The Meta SDK also passes 32-hex MD5 through, but a 32-hex value is just as likely a raw id (a
@@ -19,7 +20,8 @@ Decisions (see ``/work/shared/platforms.md`` §1.3, §2.3, §3.3 and §4):
 * Phone numbers need a country: numbers written internationally (``+`` or ``00``) carry their
   own, national numbers use the row's ``country`` column, and a national number without a
   usable country is dropped rather than guessed. Numbers must be *possible* per libphonenumber
-  (right length for the country), not necessarily *valid* (assigned range), so new ranges work.
+  (right length for the country), not necessarily *valid* (assigned range), so new ranges work;
+  but a local-only number (no area code, "555-1212") is not a full E.164 number and is dropped.
 * Low-cardinality fields are memoised per ruleset (bounded, in memory only): see
   :class:`FieldRule`. Direct identifiers (email, phone, external id) are not, so they are not
   kept around longer than the row that carries them.
@@ -40,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from functools import cache, lru_cache
-from typing import Any, Final, NamedTuple, cast
+from typing import Any, Final, NamedTuple
 
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneMetadata
@@ -54,6 +56,7 @@ __all__ = [
     "clear_caches",
     "country_rule",
     "hash_identifiers",
+    "hash_identifiers_as_lists",
     "is_sha256",
     "normalize_city",
     "normalize_country",
@@ -410,7 +413,7 @@ _ISO3_TO_2: Final = dict(zip(_ALPHA3.lower().split(), _ALPHA2.lower().split(), s
 
 # Common spellings seen in CRM exports, as lowercase ASCII letters only.
 _COUNTRY_NAMES: Final = {
-    "unitedstates": "us", "unitedstatesofamerica": "us", "usofa": "us", "uk": "gb",
+    "unitedstates": "us", "unitedstatesofamerica": "us", "uk": "gb",
     "unitedkingdom": "gb", "greatbritain": "gb", "britain": "gb", "england": "gb",
     "scotland": "gb", "wales": "gb", "northernireland": "gb", "canada": "ca", "mexico": "mx",
     "brazil": "br", "brasil": "br", "argentina": "ar", "chile": "cl", "colombia": "co",
@@ -424,7 +427,7 @@ _COUNTRY_NAMES: Final = {
     "russia": "ru", "unitedarabemirates": "ae", "uae": "ae", "saudiarabia": "sa", "egypt": "eg",
     "southafrica": "za", "nigeria": "ng", "kenya": "ke", "morocco": "ma", "india": "in",
     "pakistan": "pk", "china": "cn", "hongkong": "hk", "taiwan": "tw", "japan": "jp",
-    "southkorea": "kr", "korea": "kr", "singapore": "sg", "malaysia": "my", "indonesia": "id",
+    "southkorea": "kr", "singapore": "sg", "malaysia": "my", "indonesia": "id",
     "philippines": "ph", "thailand": "th", "vietnam": "vn", "australia": "au",
     "newzealand": "nz",
 }  # fmt: skip
@@ -545,8 +548,11 @@ _NOT_DIGIT = re.compile(r"[^0-9]+")
 
 
 def _calling_code_table() -> dict[str, str]:
-    """Map every 3-digit string to the calling code it starts with (calling codes are
-    prefix-free), so finding the code of an international number is one dict lookup."""
+    """Map every 3-digit string to the calling code it starts with.
+
+    Calling codes are prefix-free, so finding the code of an international number is then one
+    dict lookup instead of up to three.
+    """
     codes = {str(cc) for cc in phonenumbers.COUNTRY_CODE_TO_REGION_CODE}
     table: dict[str, str] = {}
     for i in range(1000):
@@ -560,6 +566,7 @@ def _calling_code_table() -> dict[str, str]:
 
 _CALLING_CODE_OF: Final = _calling_code_table()
 _PHONE_REGIONS: Final = frozenset(phonenumbers.SUPPORTED_REGIONS)
+_IS_POSSIBLE: Final = phonenumbers.ValidationResult.IS_POSSIBLE
 
 
 class _PhonePlan(NamedTuple):
@@ -573,7 +580,7 @@ class _PhonePlan(NamedTuple):
     general: re.Pattern[str] | None  # the plan's national number pattern
     strip_lengths: tuple[int, ...]  # possible lengths of the parsing region (sorted)
     strip_local: frozenset[int]
-    possible: frozenset[int]  # possible + local-only lengths of the main region of the code
+    possible: frozenset[int]  # possible lengths of the main region of the calling code
 
 
 def _build_plan(metadata: Any, main: Any) -> _PhonePlan | None:
@@ -597,8 +604,7 @@ def _build_plan(metadata: Any, main: Any) -> _PhonePlan | None:
         general=re.compile(general) if general else None,
         strip_lengths=tuple(sorted(desc.possible_length)),
         strip_local=frozenset(desc.possible_length_local_only),
-        possible=frozenset(main_desc.possible_length)
-        | frozenset(main_desc.possible_length_local_only),
+        possible=frozenset(main_desc.possible_length),
     )
 
 
@@ -647,8 +653,11 @@ def _fast_nsn(national: str, plan: _PhonePlan) -> str | None:
     """National significant number as libphonenumber parses it, None when not possible.
 
     Mirrors ``parse``'s national-prefix stripping and ``is_possible_number``'s length test
-    from the same metadata, without building ``PhoneNumber`` objects (about 8x faster).
+    from the same metadata, without building ``PhoneNumber`` objects (about 10x faster).
+    Returns _SLOW when the prefix rule rewrites digits and only phonenumbers can tell.
     """
+    if plan.prefix is None or plan.prefix.match(national) is None:
+        return national if len(national) in plan.possible else None
     stripped = _strip_national_prefix(national, plan)
     if stripped is _SLOW:
         return _SLOW
@@ -667,15 +676,13 @@ def _slow_nsn(text: str, region: str | None) -> tuple[str, str] | None:
         number = phonenumbers.parse(text, region)
     except NumberParseException:
         return None
-    if not phonenumbers.is_possible_number(number):
+    if phonenumbers.is_possible_number_with_reason(number) != _IS_POSSIBLE:
         return None
     return str(number.country_code), phonenumbers.national_significant_number(number)
 
 
 def _international(digits: str) -> tuple[str, str] | None:
     """Calling code and national number of the digits that followed '+' or '00'."""
-    if len(digits) > 17:
-        return None  # E.164 numbers have at most 15 digits; more is two numbers run together.
     cc = _CALLING_CODE_OF.get(digits[:3])
     if cc is None:
         return None
@@ -763,8 +770,13 @@ def _phone_parts(value: object, country: object) -> tuple[str, str] | None:
         if region is None:
             return None
         parts = _national(digits, region)
-    # "+1 111 111 1111", "+44 0000 000000": placeholders typed to get past a required field.
-    if parts is None or parts[1] == parts[1][0] * len(parts[1]):
+    if parts is None:
+        return None
+    cc, nsn = parts
+    # E.164 has at most 15 digits, and no subscriber number has fewer than 7 with its calling
+    # code (Niue: +683 4002). "+1 111 111 1111", "+44 0000 000000" are placeholders typed to
+    # get past a required field.
+    if not 7 <= len(cc) + len(nsn) <= 15 or nsn == nsn[0] * len(nsn):
         return None
     return parts
 
@@ -774,14 +786,15 @@ def normalize_phone_e164(value: object, country: object = None) -> str | None:
 
     Numbers starting with '+' or '00' are international; other numbers are read in the
     national format of ``country`` (the row's country column, any spelling
-    :func:`normalize_country` accepts) and dropped when there is none. Separators and a
-    trailing extension are ignored; letters, too few or too many digits, unknown calling codes,
-    lengths impossible for the country and placeholder numbers made of one repeated digit give
-    None.
+    :func:`normalize_country` accepts, or a numbering-plan region such as ``XK``) and dropped
+    when there is none. Separators and a trailing extension are ignored. None for: letters,
+    unknown calling codes, lengths impossible for the country, local-only numbers without
+    area code, fewer than 7 or more than 15 digits, and placeholders made of one repeated digit.
 
-    The result equals libphonenumber's ``parse`` + ``is_possible_number`` + E.164 formatting;
-    common inputs take a fast path that mirrors it from the same metadata without building
-    ``PhoneNumber`` objects.
+    Otherwise the result equals libphonenumber's ``parse`` + ``is_possible_number_with_reason``
+    (``IS_POSSIBLE``) + E.164 formatting. Common inputs take a fast path that mirrors it from the
+    same metadata without building ``PhoneNumber`` objects; a test checks both agree for every
+    region.
 
     Args:
         value: The raw phone (strings and integral numbers are accepted).
@@ -923,14 +936,14 @@ def country_rule(
 
 
 # One memo holds at most this many raw values per rule; it is emptied when full, which is cheap
-# and keeps memory flat (a few MB per ruleset) whatever the number of rows.
+# and keeps memory flat (under 20 MB for META_RULES) whatever the number of rows.
 _MEMO_MAX: Final = 8192
 _MISS: Final = object()
 _MEMO_TYPES: Final = frozenset({str, int, date, datetime})
 
 # (key, column, kind, fn, country column, hashed, memo): kind 0 = fn(value),
 # 1 = fn(value, country), 2 = fn(row).
-_Step = tuple[str, str, int, Callable[..., str | None], str, bool, dict[Any, str | None] | None]
+_Step = tuple[str, str, int, Callable[..., str | None], str, bool, dict[Any, Any] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -949,7 +962,7 @@ class Ruleset:
     def __post_init__(self) -> None:
         steps: list[_Step] = []
         for rule in self.rules:
-            memo: dict[Any, str | None] | None = {} if rule.memoize else None
+            memo: dict[Any, Any] | None = {} if rule.memoize else None
             fn = rule.normalize
             if isinstance(fn, _FromColumn):
                 steps.append((rule.key, fn.column, 0, fn.fn, "", rule.hashed, memo))
@@ -986,26 +999,54 @@ def hash_identifiers(row: Mapping[str, Any], rules: Ruleset) -> dict[str, str]:
         rules: The platform's ruleset, e.g. :data:`META_RULES`.
 
     Returns:
-        Payload key → single string, for the keys that have a usable value only.
+        Payload key → single string (callers wrap it in a list where the API wants one, or use
+        :func:`hash_identifiers_as_lists`), for the keys that have a usable value only, in the
+        order of the rules.
     """
-    out: dict[str, str] = {}
+    return _apply_rules(row, rules._steps, False)
+
+
+def hash_identifiers_as_lists(row: Mapping[str, Any], rules: Ruleset) -> dict[str, list[str]]:
+    """:func:`hash_identifiers`, each value wrapped in a one-element list.
+
+    Meta's ``user_data`` takes hashed fields as lists of strings (as its SDK sends them); this
+    builds that shape directly instead of copying the dict (it runs for every row).
+
+    Args:
+        row: A source row (column name → raw value).
+        rules: The platform's ruleset, e.g. :data:`META_RULES`.
+
+    Returns:
+        Payload key → ``[value]``, for the keys that have a usable value only, in the order of
+        the rules.
+    """
+    return _apply_rules(row, rules._steps, True)
+
+
+def _apply_rules(
+    row: Mapping[str, Any], steps: tuple[_Step, ...], as_lists: bool
+) -> dict[str, Any]:
+    """The loop of :func:`hash_identifiers` (hot: every row of every run goes through it)."""
+    out: dict[str, Any] = {}
     get = row.get
-    for key, column, kind, fn, country_column, hashed, memo in rules._steps:
+    memo_types = _MEMO_TYPES
+    miss = _MISS
+    for key, column, kind, fn, country_column, hashed, memo in steps:
         raw = get(column)
         if raw is None:
             continue
         mkey: Any = None
         # Exact types only: True == 1 == 1.0 as dict keys, yet they normalise differently.
-        if memo is not None and type(raw) in _MEMO_TYPES:
+        if memo is not None and type(raw) in memo_types:
             # Countries that compare equal (1, 1.0, True) all normalise to "no country".
             mkey = raw if kind == 0 else (raw, get(country_column))
             try:
-                cached = memo.get(mkey, _MISS)
+                cached = memo.get(mkey, miss)
             except TypeError:  # An unhashable country value: compute without the memo.
-                cached, mkey = _MISS, None
-            if cached is not _MISS:
+                cached, mkey = miss, None
+            if cached is not miss:
                 if cached is not None:
-                    out[key] = cast(str, cached)
+                    out[key] = [cached] if as_lists else cached
                 continue
         value: str | None = None
         if hashed and type(raw) is str and len(raw) >= 64 and is_sha256(raw.strip()):
@@ -1030,7 +1071,7 @@ def hash_identifiers(row: Mapping[str, Any], rules: Ruleset) -> dict[str, str]:
                 memo.clear()
             memo[mkey] = value
         if value is not None:
-            out[key] = value
+            out[key] = [value] if as_lists else value
     return out
 
 

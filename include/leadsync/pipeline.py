@@ -24,7 +24,8 @@ from leadsync.delivery import BatchSender, summarize
 from leadsync.destinations import get_destination
 from leadsync.destinations.base import Destination, HttpRequest, Skip, derive_event_id
 from leadsync.destinations.http import HttpClient
-from leadsync.source import Source, plan_window, to_utc
+from leadsync.faults import crash_point
+from leadsync.source import Source, Window, plan_window, to_utc
 from leadsync.state import (
     DELIVERED,
     EXPIRED,
@@ -41,6 +42,13 @@ from leadsync.state import (
 )
 
 log = logging.getLogger(__name__)
+
+# ls_runs.status of a run whose contract check is under way, failed its breaker, or never
+# finished; stage refuses such a run and commit closes it without moving the watermark.
+RUN_RUNNING = "running"
+RUN_CHECKING = "checking"
+RUN_CONTRACT_FAILED = "contract_failed"
+RUN_CHECK_FAILED = "check_failed"
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,10 @@ class Rejected:
     event_id: str | None = None
     event_name: str | None = None
     event_time: datetime | None = None
+
+
+# Stage's marker for a row this run's contract check quarantined (skipped, already counted).
+_CHECKED_OUT = Rejected("contract", "quarantined")
 
 
 def row_event_id(row: Mapping[str, Any]) -> str:
@@ -109,11 +121,20 @@ def render_requests(
     dest: DestinationConfig,
     creds: Any,
     now: datetime,
+    *,
+    config: Config | None = None,
 ) -> Iterator[dict[str, Any]]:
     """What a run would send for these rows: one line per request, one per skipped row.
 
-    Same planning code as the DAG; no state, no network. Secrets are masked.
+    Same planning code as the DAG; no state, no network. Secrets are masked. Given the
+    ``config``, the data contract (the same Great Expectations suite as the DAG's
+    check_contract, run in memory) comes first, unless ``contract.enabled`` is false: a row
+    it rejects is reported as skipped with the rule code as its reason.
     """
+    verdicts: list[quality.Failure | None] | None = None
+    if config is not None and config.contract.enabled:
+        rows = list(rows)
+        verdicts = quality.check_rows(rows, config, dest, now)
     module = get_destination(dest.type)
     size = min(dest.batch_size or module.LIMITS.max_batch_events, module.LIMITS.max_batch_events)
     batch: list[dict[str, Any]] = []
@@ -121,11 +142,16 @@ def render_requests(
 
     def flush() -> Iterator[dict[str, Any]]:
         if batch:
-            request = module.build_request(batch, creds, dest)
+            request = module.build_request(list(batch), creds, dest)
+            batch.clear()  # the request holds its own copy, so a kept line stays whole
             yield {"destination": dest.name, **_render(request)}
-            batch.clear()
 
-    for row in rows:
+    for i, row in enumerate(rows):
+        failure = verdicts[i] if verdicts is not None else None
+        if failure is not None:
+            yield {"skipped": {"lead_id": _str(row.get("lead_id")), "stage": _str(row.get("stage")),
+                               "reason": failure.rule, "detail": failure.detail}}
+            continue
         planned = plan_row(row, dest, module, now)
         if isinstance(planned, Rejected):
             yield {"skipped": {"lead_id": _str(row.get("lead_id")), "stage": _str(row.get("stage")),
@@ -203,6 +229,7 @@ class Pipeline:
                              self.config.source.settle_lag)
         self.state.start_run(run_id, self.dest.name, window.lo.ts if window.lo else None,
                              window.hi, watermark)
+        crash_point("after_open")
         log.info("run %s of %s: window (%s, %s], watermark %s", run_id, self.dest.name,
                  window.lo.ts.isoformat() if window.lo else "start", window.hi.isoformat(),
                  watermark.as_dict() if watermark else None)
@@ -213,21 +240,123 @@ class Pipeline:
         src = self.config.source
         return Source(self.warehouse, src.read_query(), src.chunk_size, src.page_size)
 
-    def stage(self, run_id: str) -> dict[str, Any]:
-        """Reads the window, applies the contract and eligibility, writes outbox batches.
-
-        Returns the ids of every pending batch of the destination (older runs' first) and the
-        counts. Identifiers are hashed in memory; only hashed payloads reach the outbox.
-        """
-        self._hold(run_id)
+    def _opened(self, run_id: str) -> dict[str, Any]:
         run = self.state.get_run(run_id, self.dest.name)
         if run is None:
             raise RuntimeError(f"run {run_id} was not opened for {self.dest.name}")
+        return run
+
+    def _window(self, run: Mapping[str, Any]) -> Window:
+        # The window open_run planned: check and stage read exactly the same rows.
+        return plan_window(run["watermark_before"],
+                           run["window_hi"] + self.config.source.settle_lag,
+                           self.config.source.lookback, self.config.source.settle_lag)
+
+    def check(self, run_id: str) -> dict[str, Any]:
+        """Checks the run's window against the data contract, before anything is staged.
+
+        Streams the same window as :meth:`stage` and validates it with the Great Expectations
+        suite batch by batch (memory stays flat); failing rows go to quarantine with their rule
+        code and a fixed detail, keyed by lead_id + stage. Returns the report's counts (the
+        task's XCom). When the circuit breaker trips, the run is marked ``contract_failed`` and
+        :class:`~leadsync.quality.ContractViolation` is raised: stage refuses to run, and
+        commit keeps the watermark where it was and frees the lease.
+        """
+        self._hold(run_id)
+        run = self._opened(run_id)
+        contract = self.config.contract
+        if not contract.enabled:
+            self.state.set_run_counts(run_id, self.dest.name, {"checked": 0})
+            self.state.update_run(run_id, self.dest.name, status=RUN_RUNNING)
+            log.info("data contract disabled (contract.enabled: false): nothing checked")
+            return {"destination": self.dest.name, "run_id": run_id, "enabled": False}
+        # Until the check finishes, stage refuses and commit keeps the watermark.
+        self.state.update_run(run_id, self.dest.name, status=RUN_CHECKING)
+        source = self._source()
+        window = self._window(run)
+        spec = quality.ContractSpec.from_config(self.config, self.dest)
+        session = quality.ContractSession(spec, run_id, self.clock())
+        aborted: str | None = None
+        with self.state.heartbeat(self.dest.name, run_id, self.config.state.lease_ttl):
+            if session.check_columns(quality.source_columns(self.warehouse, source.query)):
+                aborted = self._check_rows(run_id, session, source, window,
+                                           run["watermark_before"])
+        report = session.finish(aborted=aborted)
+        counts = {"checked": report.rows, "quarantined": sum(report.quarantined.values()),
+                  **{f"quarantined.{rule}": n for rule, n in report.quarantined.items()}}
+        if report.outside_window_rows:
+            counts["checked_outside_window"] = report.outside_window_rows
+        self.state.set_run_counts(run_id, self.dest.name, counts,
+                                  replace_prefixes=("quarantined.", "checked_outside_window"))
+        if not report.passed:
+            self.state.update_run(run_id, self.dest.name, status=RUN_CONTRACT_FAILED)
+            log.error("%s", report.describe())
+            raise quality.ContractViolation(report)
+        self.state.update_run(run_id, self.dest.name, status=RUN_RUNNING)
+        log.info("%s", report.describe())
+        if report.data_docs:
+            log.info("Data Docs of this check: %s", report.data_docs)
+        return report.as_dict()
+
+    def _check_rows(self, run_id: str, session: quality.ContractSession, source: Source,
+                    window: Window, run_watermark: Cursor | None) -> str | None:
+        """Streams the window through the session, quarantining as it goes; returns why it
+        stopped early, if it did."""
+        spec = session.spec
+        duplicated = quality.window_key_counts(source, window, spec.max_quarantined_rows)
+        if len(duplicated) > spec.max_quarantined_rows:
+            return (f"more than {spec.max_quarantined_rows} (lead_id, stage) keys occur more "
+                    "than once in the window: the source query probably fans out (a join)")
+
+        def same_key_rows(row: Mapping[str, Any]) -> int:
+            return duplicated.get(quality.duplicate_key(row.get("lead_id"), row.get("stage")), 1)
+
+        def quarantine(failures: list[quality.Failure]) -> None:
+            if failures:
+                self.state.quarantine_rows(self.dest.name, run_id,
+                                           [f.record() for f in failures])
+
+        watermark = run_watermark
+
+        def is_new(row: Mapping[str, Any]) -> bool:
+            # Rows the lookback re-reads were judged by the run that moved the watermark.
+            return watermark is None or row["_cursor"].ts > watermark.ts
+
+        stream = source.stream(window)
+        try:
+            for chunk in stream:
+                quarantine(session.add(chunk, same_key_rows if duplicated else None,
+                                       is_new=is_new))
+                if session.over_limit:
+                    return "stopped reading the window"
+        finally:
+            close = getattr(stream, "close", None)  # a generator holding a DB cursor
+            if close is not None:
+                close()
+        quarantine(session.flush())
+        if self.config.contract.scan_null_cursor and not session.over_limit:
+            outside = quality.null_cursor_rows(source, spec.max_quarantined_rows + 1)
+            quarantine(session.add(outside, outside_window=True) + session.flush())
+        return None
+
+    def stage(self, run_id: str) -> dict[str, Any]:
+        """Reads the window, applies eligibility, writes outbox batches.
+
+        Rows the contract check of this run quarantined are skipped by key (no second
+        validation); the rest pass a guard (:func:`leadsync.quality.check_row`) for rows that
+        were committed after the check. Returns the ids of every pending batch of the
+        destination (older runs' first) and the counts. Identifiers are hashed in memory; only
+        hashed payloads reach the outbox.
+        """
+        self._hold(run_id)
+        run = self._opened(run_id)
+        if run["status"] in (RUN_CHECKING, RUN_CONTRACT_FAILED):
+            raise RuntimeError(f"run {run_id} of {self.dest.name}: the data contract check has "
+                               "not passed (see check_contract); nothing is staged")
         source = self._source()
         source.check_columns()
-        lo = run["watermark_before"]
-        window = plan_window(lo, run["window_hi"] + self.config.source.settle_lag,
-                             self.config.source.lookback, self.config.source.settle_lag)
+        window = self._window(run)
+        checked_out = self.state.quarantine_keys_for_run(self.dest.name, run_id)
         now = self.clock()
         size = min(self.dest.batch_size or self.module.LIMITS.max_batch_events,
                    self.module.LIMITS.max_batch_events)
@@ -254,12 +383,17 @@ class Pipeline:
             counts["staged"] += len(buf.envelopes)
             counts["batches"] += 1
             buf.envelopes, buf.records, buf.ids, buf.prev = [], [], set(), None
+            crash_point("after_stage_batch")
 
         with self.state.heartbeat(self.dest.name, run_id, self.config.state.lease_ttl):
             for chunk in source.stream(window):
                 plans: list[tuple[dict[str, Any], Cursor | None, Planned | Rejected]] = []
                 for row in chunk:
-                    plans.append((row, prev_row, plan_row(row, self.dest, self.module, now)))
+                    if checked_out and quality.quarantine_key(row) in checked_out:
+                        plans.append((row, prev_row, _CHECKED_OUT))
+                    else:
+                        plans.append((row, prev_row,
+                                      plan_row(row, self.dest, self.module, now)))
                     prev_row = row["_cursor"]
                 counts["read"] += len(chunk)
                 last = prev_row
@@ -271,14 +405,17 @@ class Pipeline:
                 for row, prev, plan in plans:
                     cursor: Cursor = row["_cursor"]
                     key = (str(row.get("lead_id")), str(row.get("stage")))
+                    if plan is _CHECKED_OUT:
+                        continue  # quarantined and counted by this run's check
+                    qkey = quality.quarantine_key(row)
                     if isinstance(plan, Rejected) and plan.status == "quarantined":
-                        quarantined.append(QuarantineRecord(key[0][:128], key[1][:64],
-                                                            plan.reason, plan.detail, cursor.ts))
+                        quarantined.append(QuarantineRecord(qkey[0], qkey[1], plan.reason,
+                                                            plan.detail, cursor.ts))
                         counts["quarantined"] += 1
                         counts[f"quarantined.{plan.reason}"] += 1
                         continue
-                    if key in open_quarantine:
-                        passed.append(key)
+                    if qkey in open_quarantine:
+                        passed.append(qkey)
                     if isinstance(plan, Rejected) and plan.event_id is None:
                         counts["skipped"] += 1
                         counts[f"skipped.{plan.reason}"] += 1
@@ -319,7 +456,9 @@ class Pipeline:
                 if passed:
                     counts["quarantine_resolved"] += self.state.resolve_quarantine(
                         self.dest.name, passed)
+                crash_point("after_stage_chunk")
             flush()
+        crash_point("after_stage")
         self.state.update_run(run_id, self.dest.name, counts=counts, window_max=last)
         batch_ids = self.state.pending_batch_ids(self.dest.name)
         log.info("staged %s: %s; %d batch(es) to push", self.dest.name, dict(counts),
@@ -339,12 +478,14 @@ class Pipeline:
         http = client or HttpClient(timeout=self.dest.retry.timeout.total_seconds())
         sender = BatchSender(self.module, creds, self.dest, http, sleep=self.sleep or time.sleep)
         try:
+            crash_point("before_send")
             with self.state.heartbeat(self.dest.name, run_id, self.config.state.lease_ttl):
                 report = sender.deliver(batch.events, self.clock())
         finally:
             if own_client:
                 http.close()
         counts = dict(summarize(report))
+        crash_point("after_send_before_record")
         self.state.record_outcomes(batch, report.outcomes, run_id, counts)
         log.info("batch %s of %s: %s", batch_id, self.dest.name, counts)
         if report.error is not None:
@@ -352,11 +493,21 @@ class Pipeline:
         return counts
 
     def commit(self, run_id: str) -> dict[str, Any]:
-        """Advances the watermark past terminal rows only, closes the run, frees the lease."""
+        """Advances the watermark past terminal rows only, closes the run, frees the lease.
+
+        After a failed (or unfinished) contract check nothing was staged by this run: the
+        watermark stays where it was, the run is closed as ``contract_failed`` (or
+        ``check_failed``) and the lease is freed.
+        """
         self._hold(run_id)
+        run = self.state.get_run(run_id, self.dest.name)
+        if run is not None and run["status"] in (RUN_CHECKING, RUN_CONTRACT_FAILED):
+            return self._close_unchecked(run_id, run)
         pending = self.state.pending_batch_ids(self.dest.name)
         status = "success" if not pending else "partial"
+        crash_point("before_watermark_commit")
         before, after = self.state.commit_run(run_id, self.dest.name, status)
+        crash_point("before_lease_release")
         self.state.release_lease(self.dest.name, run_id)
         run = self.state.get_run(run_id, self.dest.name) or {}
         summary = {
@@ -371,15 +522,45 @@ class Pipeline:
         log.info("committed %s: %s", self.dest.name, summary)
         return summary
 
+    def _close_unchecked(self, run_id: str, run: Mapping[str, Any]) -> dict[str, Any]:
+        status = RUN_CONTRACT_FAILED if run["status"] == RUN_CONTRACT_FAILED else RUN_CHECK_FAILED
+        self.state.update_run(run_id, self.dest.name, status=status)
+        self.state.release_lease(self.dest.name, run_id)
+        watermark = self.state.get_watermark(self.dest.name)
+        mark = watermark.as_dict() if watermark else None
+        summary = {
+            "destination": self.dest.name,
+            "run_id": run_id,
+            "status": status,
+            "pending_batches": len(self.state.pending_batch_ids(self.dest.name)),
+            "watermark_before": mark,
+            "watermark_after": mark,
+            "counts": run.get("counts", {}),
+        }
+        log.warning("closed %s without staging (the data contract check did not pass); the "
+                    "watermark stays at %s", self.dest.name, mark)
+        return summary
+
     def run(self, run_id: str | None = None) -> dict[str, Any]:
-        """All steps in this process (CLI, benchmarks); the DAG runs the same steps as tasks."""
+        """All steps in this process (CLI, benchmarks); the DAG runs the same steps as tasks.
+
+        A tripped contract breaker closes the run (watermark kept, lease freed) and re-raises
+        :class:`~leadsync.quality.ContractViolation`.
+        """
         run_id = run_id or f"local__{utcnow().strftime('%Y%m%dT%H%M%S')}_{uuid.uuid4().hex[:6]}"
         self.open_run(run_id)
+        try:
+            self.check(run_id)
+        except Exception:
+            self.commit(run_id)
+            raise
         staged = self.stage(run_id)
         errors: list[Exception] = []
         client = HttpClient(timeout=self.dest.retry.timeout.total_seconds())
         try:
-            for batch_id in staged["batch_ids"]:
+            for i, batch_id in enumerate(staged["batch_ids"]):
+                if i:
+                    crash_point("between_batches")
                 try:
                     self.push(run_id, batch_id, client)
                 except Exception as exc:

@@ -1,37 +1,1129 @@
-"""The data contract's row-level rules (the Great Expectations suite builds on these codes).
+"""The data contract: a Great Expectations suite built in code, row quarantine, a breaker.
 
-Each rule has a stable code; a row that breaks one is quarantined with that code and a short
-detail that never contains the raw value of a personal identifier.
+The contract is the source contract of ``shared/design.md`` as a GX Core 1.x Expectation Suite,
+built from the config for one destination (its stage map, its match keys, its future
+tolerance). Every expectation carries a stable rule code in its ``meta``; a row that breaks one
+is quarantined with that code and a short, fixed detail, never with the value that broke it.
+
+How it runs (one run of one destination, :class:`ContractSession`):
+
+1. **Structure**: the source query's column names (a zero-row query) against the required
+   columns (``expect_column_to_exist``). A missing column stops the run before any row is read.
+2. **Rows**, streamed: rows are projected, as they arrive, onto the few columns the rules look
+   at (timestamps parsed, blanks as nulls, the presence of match keys counted; other
+   identifiers are dropped) and validated by GX in batches of ``contract.batch_rows``, so
+   memory stays flat. GX's ``unexpected_index_list`` names the failing rows; a row's reason is
+   the first rule it breaks, in the order of :data:`RULES`.
+3. **Window-level facts** that a batch cannot see are pushed down to the warehouse: the number
+   of rows sharing each (lead_id, stage) in the whole window (one ``GROUP BY``), which GX then
+   checks per row; and rows whose ``updated_at`` is null, which the incremental window can never
+   see (one filtered query), validated like the others so that they are quarantined, not lost.
+4. **Breaker** (:meth:`ContractSession.finish`): a structural failure (a missing column, or a
+   column without a single usable value), more failing rows than
+   ``contract.max_quarantined_rows``, or a failing share above ``contract.failure_threshold``
+   among the rows new since the watermark (judged once there are ``failure_min_rows`` of them;
+   rows the lookback re-reads were judged by the run that moved the watermark) stops the run:
+   the caller raises :class:`ContractViolation` before anything is staged. The per-batch GX
+   results are summed into one validation result per run, stripped of every unexpected value,
+   and rendered as Data Docs (HTML) under ``contract.data_docs_dir``.
+
+``leadsync render`` runs the very same suite on its rows in memory (:func:`check_rows`), so the
+reason codes are identical by construction. :func:`check_row` is not a second contract: it is
+the stage step's crash guard for rows that reach it without having been checked (committed
+late, between the check and the stage), covering only what planning needs, with the same codes
+(a unit test holds it to agree with GX).
+
+``great_expectations`` and ``pandas`` are imported lazily, inside the functions that validate:
+never when a DAG file is parsed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import math
+import os
+import re
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from leadsync.source import to_utc
+from leadsync.source import REQUIRED_COLUMNS, to_utc
+from leadsync.state import QuarantineRecord
 
-MAX_ID_LENGTH = 128
+if TYPE_CHECKING:
+    import pandas as pd
+    from sqlalchemy import Engine
+
+    from leadsync.config import Config, DestinationConfig
+    from leadsync.source import Source, Window
+
+log = logging.getLogger(__name__)
+
+MAX_ID_LENGTH = 128  # ls_quarantine.lead_id / ls_ledger.lead_id
+MAX_STAGE_LENGTH = 64  # ls_quarantine.stage / ls_ledger.stage
+_MAX_VALUE = 1e15  # larger deal values are a unit error (cents in a currency column, ...)
+
+
+# -- rules -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule of the contract, by its stable code (what quarantine entries and counts show)."""
+
+    code: str
+    summary: str
+    structural: bool = False
+
+
+# Order matters: a row that breaks several rules is quarantined under the first one.
+RULES: dict[str, Rule] = {
+    rule.code: rule
+    for rule in (
+        Rule("missing_column", "a required column is missing from the source query", True),
+        Rule("missing_lead_id", "lead_id is null or blank"),
+        Rule("missing_stage", "stage is null or blank"),
+        Rule("missing_event_time", "event_time is null or blank"),
+        Rule("missing_updated_at", "updated_at is null or blank"),
+        Rule("bad_type", "a value of an unusable type; a column with no usable value at all "
+             "is structural", True),
+        Rule("bad_lead_id", "lead_id is longer than 128 characters or has control characters"),
+        Rule("unknown_stage", "stage is in no destination's stage map nor in "
+             "contract.known_stages"),
+        Rule("duplicate_lead_stage", "(lead_id, stage) occurs more than once in the window"),
+        Rule("future_event_time", "event_time is in the future beyond future_tolerance"),
+        Rule("event_after_updated_at", "event_time is after updated_at beyond "
+             "future_tolerance"),
+        Rule("bad_value", "value is not a finite number >= 0"),
+        Rule("bad_currency", "currency is not an ISO-4217 code, or a value has no currency"),
+        Rule("bad_country", "country is not an ISO-3166-1 alpha-2 code"),
+        Rule("bad_email", "email is not syntactically usable"),
+        Rule("no_match_keys", "none of the destination's match keys is present"),
+    )
+}
+_RULE_RANK = {code: rank for rank, code in enumerate(RULES)}
+
+# Match keys per destination type: groups of columns, a group counts when all its columns are
+# present (IP + user agent only match together). A destination module may declare its own
+# MATCH_KEY_GROUPS, which wins.
+MATCH_KEY_GROUPS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "meta": (("email",), ("phone",), ("external_id",), ("meta_lead_id",), ("fbc",), ("fbp",),
+             ("first_name",), ("last_name",), ("client_ip", "user_agent")),
+    "tiktok": (("email",), ("phone",), ("external_id",), ("ttclid",), ("ttp",),
+               ("tiktok_lead_id",), ("client_ip", "user_agent")),
+    "google_datamanager": (("email",), ("phone",), ("gclid",), ("gbraid",), ("wbraid",)),
+    "google_ads": (("email",), ("phone",), ("gclid",), ("gbraid",), ("wbraid",)),
+}
+
+# ISO 4217 currencies in circulation (funds, metals and test codes left out).
+ISO_4217: frozenset[str] = frozenset("""
+AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BHD BIF BMD BND BOB BRL BSD BTN BWP BYN BZD
+CAD CDF CHF CLP CNY COP CRC CUC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS
+GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR KMF KPW KRW
+KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MYR MZN NAD
+NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD
+SHP SLE SLL SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD UYU UZS
+VED VES VND VUV WST XAD XAF XCD XCG XOF XPF YER ZAR ZMW ZWG ZWL
+""".split())
+
+# ISO 3166-1 alpha-2, the 249 officially assigned codes.
+ISO_3166_ALPHA2: frozenset[str] = frozenset("""
+AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS
+BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO DZ EC EE
+EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM
+HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW KY KZ LA LB LC
+LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU MV MW MX MY MZ NA
+NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO RS RU RW
+SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO
+TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW
+""".split())
+
+# Syntactically usable: one @, no whitespace inside, a dot in the domain (surrounding
+# whitespace is what normalisation strips anyway).
+EMAIL_REGEX = r"^\s*[^@\s]+@[^@\s.]+(?:\.[^@\s.]+)+\s*$"
+_CONTROL_REGEX = r"[\x00-\x1f\x7f]"
+
+
+# -- pure helpers (shared by the suite's projection and the stage step's guard) ----------------
+
+
+def parse_timestamp(value: Any) -> datetime | None:
+    """A timestamp the contract accepts, as aware UTC: a datetime, a date or ISO-8601 text.
+
+    Numbers are refused: an epoch column is ambiguous (seconds? milliseconds?).
+    """
+    if value is None or isinstance(value, bool | int | float | Decimal):
+        return None
+    try:
+        return to_utc(value)
+    except (OverflowError, ValueError):  # "0001-01-01T00:00+14:00" has no UTC year
+        return None
+
+
+def _present(value: Any) -> Any:
+    """The value, or None when it is null, NaN or a blank string (a blank counts as absent)."""
+    cls = value.__class__
+    if cls is str:
+        return value if value.strip() else None
+    if value is None or (cls is float and math.isnan(value)):
+        return None
+    return value
+
+
+def _epoch(value: Any) -> float:
+    """:func:`parse_timestamp` as epoch seconds (NaN when not a usable timestamp)."""
+    if value is None:
+        return math.nan
+    if value.__class__ is datetime and value.tzinfo is not None:
+        return value.timestamp()  # the common case (Postgres), without a conversion
+    parsed = parse_timestamp(value)
+    return parsed.timestamp() if parsed is not None else math.nan
+
+
+def _number(value: Any) -> float:
+    """A deal value as float (NaN when absent or not a number; may be negative or infinite)."""
+    if value is None or isinstance(value, bool):
+        return math.nan
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(Decimal(str(value).strip()))
+    except (InvalidOperation, ValueError, OverflowError):
+        return math.nan
+
+
+def _key_text(value: Any, limit: int) -> str:
+    # NUL cannot be stored in Postgres text; the same mapping on both sides keeps lookups exact.
+    return ("" if value is None else str(value)).replace("\x00", "\ufffd")[:limit]
+
+
+def quarantine_key(row: Mapping[str, Any]) -> tuple[str, str]:
+    """(lead_id, stage) as the quarantine table keys a row (truncated to its columns)."""
+    return _key_text(row.get("lead_id"), MAX_ID_LENGTH), _key_text(row.get("stage"),
+                                                                   MAX_STAGE_LENGTH)
+
+
+def duplicate_key(lead_id: Any, stage: Any) -> tuple[str, str]:
+    """(lead_id, stage) as the duplicate rule compares them: text, spaces trimmed.
+
+    It is what SQL's ``TRIM(CAST(x AS VARCHAR))`` gives, so the warehouse's ``GROUP BY`` and
+    an in-memory count agree; ``"00Q1"`` and ``"00Q1 "`` are one lead twice.
+    """
+    return ("" if lead_id is None else str(lead_id)).strip(" "), (
+        "" if stage is None else str(stage)).strip(" ")
 
 
 def check_row(
-    row: Mapping[str, Any], now: datetime, future_tolerance: timedelta = timedelta(minutes=5)
+    row: Mapping[str, Any], now: datetime, future_tolerance: timedelta = timedelta(seconds=60)
 ) -> tuple[str, str] | None:
-    """The first rule a row breaks, as (rule code, detail), or None if it passes."""
-    lead_id = row.get("lead_id")
-    if lead_id is None or not str(lead_id).strip():
-        return "missing_lead_id", "lead_id is null or empty"
-    if len(str(lead_id)) > MAX_ID_LENGTH:
-        return "bad_lead_id", f"lead_id longer than {MAX_ID_LENGTH} characters"
-    stage = row.get("stage")
-    if stage is None or not str(stage).strip():
-        return "missing_stage", "stage is null or empty"
-    if row.get("event_time") is None:
-        return "missing_event_time", "event_time is null"
-    event_time = to_utc(row.get("event_time"))
+    """The stage step's guard: the first guarded rule a row breaks, as (code, detail).
+
+    Covers what planning needs to be safe (ids, stage, event_time); the full contract is the
+    GX suite, which the check step runs before stage. Same codes and precedence as the suite.
+    """
+    lead_id = _present(row.get("lead_id"))
+    stage = _present(row.get("stage"))
+    raw_time = _present(row.get("event_time"))
+    if lead_id is None:
+        return "missing_lead_id", "lead_id is null or blank"
+    if stage is None:
+        return "missing_stage", "stage is null or blank"
+    if raw_time is None:
+        return "missing_event_time", "event_time is null or blank"
+    if isinstance(lead_id, bool) or not isinstance(lead_id, str | int):
+        return "bad_type", "lead_id is neither text nor an integer"
+    if not isinstance(stage, str):
+        return "bad_type", "stage is not text"
+    event_time = parse_timestamp(raw_time)
     if event_time is None:
-        return "bad_event_time", "event_time is not a timestamp"
-    if event_time > now + future_tolerance:
-        return "future_event_time", "event_time is in the future"
+        return "bad_type", "event_time is not a timestamp"
+    text = str(lead_id)
+    if len(text) > MAX_ID_LENGTH:
+        return "bad_lead_id", f"lead_id is longer than {MAX_ID_LENGTH} characters"
+    if re.search(_CONTROL_REGEX, text):
+        return "bad_lead_id", "lead_id contains control characters"
+    if (event_time - now).total_seconds() > future_tolerance.total_seconds():
+        return "future_event_time", f"event_time is more than {_duration(future_tolerance)} " \
+                                    "in the future"
     return None
+
+
+def _duration(delta: timedelta) -> str:
+    seconds = delta.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+# -- the suite, as data ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """One expectation of the suite and the rule it enforces."""
+
+    rule: str
+    detail: str  # what a quarantine entry says (fixed text, never a value)
+    expectation: str  # GX expectation class name
+    kwargs: Mapping[str, Any]
+    when_present: str | None = None  # row_condition: only rows where this column is not null
+
+    @property
+    def label(self) -> str:
+        """``expect_column_values_to_be_between(column=x, max_value=1)``, for messages."""
+        parts = []
+        for key, value in self.kwargs.items():
+            if isinstance(value, list | tuple | set | frozenset):
+                value = f"<{len(value)} values>"
+            parts.append(f"{key}={value}")
+        if self.when_present:
+            parts.append(f"when {self.when_present} is not null")
+        snake = re.sub(r"(?<!^)(?=[A-Z])", "_", self.expectation).lower()
+        return f"{snake}({', '.join(parts)})"
+
+
+@dataclass(frozen=True)
+class ContractSpec:
+    """Everything the suite of one destination depends on (built from the config)."""
+
+    destination: str
+    destination_type: str
+    known_stages: frozenset[str]
+    future_tolerance: timedelta
+    match_key_groups: tuple[tuple[str, ...], ...]
+    disabled: frozenset[str] = frozenset()
+    failure_threshold: float = 0.2
+    failure_min_rows: int = 20
+    max_quarantined_rows: int = 10_000
+    batch_rows: int = 50_000
+    data_docs_dir: Path | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, dest: DestinationConfig, *,
+                    data_docs: bool | None = None) -> ContractSpec:
+        """The spec of ``dest``'s contract; ``data_docs=False`` renders no HTML (render)."""
+        contract = config.contract
+        stages = {s.strip() for d in config.destinations for s in d.stages}
+        stages |= {s.strip() for s in contract.known_stages}
+        docs = contract.data_docs if data_docs is None else data_docs
+        return cls(
+            destination=dest.name,
+            destination_type=dest.type,
+            known_stages=frozenset(stages),
+            future_tolerance=dest.future_tolerance,
+            match_key_groups=match_key_groups(dest.type),
+            disabled=frozenset(contract.disabled_rules),
+            failure_threshold=contract.failure_threshold,
+            failure_min_rows=contract.failure_min_rows,
+            max_quarantined_rows=contract.max_quarantined_rows,
+            batch_rows=contract.batch_rows,
+            data_docs_dir=contract.data_docs_path() if docs else None,
+        )
+
+    @property
+    def suite_name(self) -> str:
+        """The suite's name in GX and in the Data Docs."""
+        return f"leadsync_{self.destination}_contract"
+
+    def structure_checks(self) -> list[Check]:
+        """Columns the source query must return."""
+        return [Check("missing_column", f"column {c} is missing", "ExpectColumnToExist",
+                      {"column": c}) for c in REQUIRED_COLUMNS]
+
+    def row_checks(self) -> list[Check]:
+        """The row-level expectations, on the projected batch (see :class:`_Projection`)."""
+        tol = self.future_tolerance.total_seconds()
+        ahead = _duration(self.future_tolerance)
+        keys = " / ".join("+".join(g) for g in self.match_key_groups)
+        checks = [
+            Check("missing_lead_id", "lead_id is null or blank", "ExpectColumnValuesToNotBeNull",
+                  {"column": "lead_id"}),
+            Check("missing_stage", "stage is null or blank", "ExpectColumnValuesToNotBeNull",
+                  {"column": "stage"}),
+            Check("missing_event_time", "event_time is null or blank",
+                  "ExpectColumnValuesToNotBeNull", {"column": "event_time"}),
+            Check("missing_updated_at", "updated_at is null or blank",
+                  "ExpectColumnValuesToNotBeNull", {"column": "updated_at"}),
+            # Python type names, judged with in_set: GX's in_type_list breaks on object
+            # columns that mix dicts and booleans, which a loosely typed source can hold.
+            Check("bad_type", "lead_id is neither text nor an integer",
+                  "ExpectColumnValuesToBeInSet", {"column": "lead_id_type",
+                                                  "value_set": ["int", "str"]}),
+            Check("bad_type", "stage is not text", "ExpectColumnValuesToBeInSet",
+                  {"column": "stage_type", "value_set": ["str"]}),
+            Check("bad_type", "event_time is not a timestamp", "ExpectColumnValuesToNotBeNull",
+                  {"column": "event_time_parsed"}, when_present="event_time"),
+            Check("bad_type", "updated_at is not a timestamp", "ExpectColumnValuesToNotBeNull",
+                  {"column": "updated_at_parsed"}, when_present="updated_at"),
+            Check("bad_lead_id", f"lead_id is longer than {MAX_ID_LENGTH} characters",
+                  "ExpectColumnValueLengthsToBeBetween",
+                  {"column": "lead_id_text", "max_value": MAX_ID_LENGTH}),
+            Check("bad_lead_id", "lead_id contains control characters",
+                  "ExpectColumnValuesToNotMatchRegex",
+                  {"column": "lead_id_text", "regex": _CONTROL_REGEX}),
+            Check("unknown_stage", "stage is in no destination's stage map",
+                  "ExpectColumnValuesToBeInSet",
+                  {"column": "stage_name", "value_set": sorted(self.known_stages)}),
+            Check("duplicate_lead_stage", "(lead_id, stage) occurs more than once in the window",
+                  "ExpectColumnValuesToBeBetween",
+                  {"column": "rows_with_same_lead_stage", "max_value": 1}),
+            Check("future_event_time", f"event_time is more than {ahead} in the future",
+                  "ExpectColumnValuesToBeBetween",
+                  {"column": "event_time_seconds_ahead_of_now", "max_value": tol}),
+            Check("event_after_updated_at", f"event_time is more than {ahead} after updated_at",
+                  "ExpectColumnValuesToBeBetween",
+                  {"column": "event_time_seconds_after_updated_at", "max_value": tol}),
+            Check("bad_value", "value is not a number", "ExpectColumnValuesToNotBeNull",
+                  {"column": "value_number"}, when_present="value"),
+            Check("bad_value", "value is negative or not finite", "ExpectColumnValuesToBeBetween",
+                  {"column": "value_number", "min_value": 0, "max_value": _MAX_VALUE}),
+            Check("bad_currency", "currency is not an ISO-4217 code",
+                  "ExpectColumnValuesToBeInSet",
+                  {"column": "currency_code", "value_set": sorted(ISO_4217)}),
+            Check("bad_currency", "value given without a currency",
+                  "ExpectColumnValuesToNotBeNull", {"column": "currency_code"},
+                  when_present="value_number"),
+            Check("bad_country", "country is not an ISO-3166-1 alpha-2 code",
+                  "ExpectColumnValuesToBeInSet",
+                  {"column": "country_code", "value_set": sorted(ISO_3166_ALPHA2)}),
+            Check("bad_email", "email is not syntactically usable",
+                  "ExpectColumnValuesToMatchRegex", {"column": "email", "regex": EMAIL_REGEX}),
+            Check("no_match_keys", f"none of the match keys ({keys}) is present",
+                  "ExpectColumnValuesToBeBetween", {"column": "match_keys_present",
+                                                    "min_value": 1, "max_value": 1}),
+        ]
+        return [c for c in checks if c.rule not in self.disabled]
+
+
+def match_key_groups(destination_type: str) -> tuple[tuple[str, ...], ...]:
+    """The match-key column groups of a destination type (its module's, if it declares them)."""
+    try:
+        from leadsync.destinations import get_destination
+
+        declared = getattr(get_destination(destination_type), "MATCH_KEY_GROUPS", None)
+    except (ImportError, KeyError, ValueError):
+        declared = None
+    if declared:
+        return tuple(tuple(group) for group in declared)
+    if destination_type in MATCH_KEY_GROUPS:
+        return MATCH_KEY_GROUPS[destination_type]
+    return tuple(sorted({g for groups in MATCH_KEY_GROUPS.values() for g in groups}))
+
+
+# -- projection: the batch as the suite sees it --------------------------------------------------
+
+_OBJECT_COLUMNS = ("lead_id", "lead_id_type", "lead_id_text", "stage", "stage_type",
+                   "stage_name", "event_time", "updated_at", "value", "currency_code",
+                   "country_code", "email")
+_FLOAT_COLUMNS = ("event_time_parsed", "updated_at_parsed", "event_time_seconds_ahead_of_now",
+                  "event_time_seconds_after_updated_at", "value_number")
+_INT_COLUMNS = ("rows_with_same_lead_stage", "match_keys_present")
+
+
+class _Projection:
+    """Rows projected onto the columns the rules read, as they arrive.
+
+    Raw identifiers other than the email are not kept: a row's match keys become one number
+    (0 or 1: is any of the destination's match-key groups present). This loop runs for every
+    row of every window, so it is written for speed rather than elegance.
+    """
+
+    def __init__(self, spec: ContractSpec, now: datetime) -> None:
+        self.now_ts = now.timestamp()
+        self.groups = spec.match_key_groups
+        self.ids: list[tuple[Any, Any]] = []  # raw (lead_id, stage): keys of failing rows
+        self.cursors: list[datetime | None] = []
+        self.positions: list[int] = []
+        self.new: list[bool] = []
+        self.cols: dict[str, list[Any]] = {
+            c: [] for c in (*_OBJECT_COLUMNS, *_FLOAT_COLUMNS, *_INT_COLUMNS)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def key(self, i: int) -> tuple[str, str]:
+        lead_id, stage = self.ids[i]
+        return _key_text(lead_id, MAX_ID_LENGTH), _key_text(stage, MAX_STAGE_LENGTH)
+
+    def add(self, row: Mapping[str, Any], same_key_rows: int, cursor: datetime | None,
+            position: int) -> None:
+        c = self.cols
+        get = row.get
+        raw_lead, raw_stage = get("lead_id"), get("stage")
+        lead_id, stage = _present(raw_lead), _present(raw_stage)
+        raw_event, raw_updated = _present(get("event_time")), _present(get("updated_at"))
+        event_ts, updated_ts = _epoch(raw_event), _epoch(raw_updated)
+        value = _present(get("value"))
+        currency = _present(get("currency"))
+        country = _present(get("country"))
+        email = _present(get("email"))
+        self.ids.append((raw_lead, raw_stage))
+        self.cursors.append(cursor)
+        self.positions.append(position)
+        c["lead_id"].append(lead_id)
+        c["lead_id_type"].append(None if lead_id is None else lead_id.__class__.__name__)
+        c["lead_id_text"].append(lead_id if lead_id.__class__ is str else (
+            None if lead_id is None else str(lead_id)))
+        c["stage"].append(stage)
+        c["stage_type"].append(None if stage is None else stage.__class__.__name__)
+        c["stage_name"].append(stage.strip() if stage.__class__ is str else None)
+        c["event_time"].append(raw_event)
+        c["updated_at"].append(raw_updated)
+        c["event_time_parsed"].append(event_ts)
+        c["updated_at_parsed"].append(updated_ts)
+        c["event_time_seconds_ahead_of_now"].append(event_ts - self.now_ts)
+        c["event_time_seconds_after_updated_at"].append(event_ts - updated_ts)
+        c["rows_with_same_lead_stage"].append(same_key_rows)
+        c["value"].append(value)
+        c["value_number"].append(math.nan if value is None else _number(value))
+        c["currency_code"].append(None if currency is None else str(currency).strip().upper())
+        c["country_code"].append(None if country is None else str(country).strip().upper())
+        c["email"].append(email if email is None or email.__class__ is str else str(email))
+        present = 0
+        for group in self.groups:
+            for column in group:
+                v = get(column)
+                if v is None or (v.__class__ is str and not v.strip()):
+                    break
+            else:
+                present = 1
+                break
+        c["match_keys_present"].append(present)
+
+    def frame(self) -> pd.DataFrame:
+        import pandas as pd
+
+        data: dict[str, pd.Series] = {}
+        for name in _OBJECT_COLUMNS:
+            data[name] = pd.Series(self.cols[name], dtype=object)
+        for name in _FLOAT_COLUMNS:
+            data[name] = pd.Series(self.cols[name], dtype="float64")
+        for name in _INT_COLUMNS:
+            data[name] = pd.Series(self.cols[name], dtype="int64")
+        return pd.DataFrame(data)
+
+
+# -- Great Expectations runtime ------------------------------------------------------------------
+
+_GX_LOCK = threading.Lock()
+_GX_CONTEXTS: dict[str, Any] = {}
+_RESULT_FORMAT = {"result_format": "COMPLETE", "return_unexpected_index_query": False,
+                  "partial_unexpected_count": 0}
+# Only counts survive into stored results and Data Docs: every unexpected *value* is dropped
+# (the email column holds raw identifiers, lead ids are the CRM's).
+_KEPT_RESULT_KEYS = ("element_count", "unexpected_count", "unexpected_percent", "missing_count",
+                     "missing_percent", "unexpected_percent_total",
+                     "unexpected_percent_nonmissing")
+
+
+def import_gx() -> Any:
+    """``great_expectations``, imported quietly (its import logs hundreds of INFO lines)."""
+    logging.getLogger("great_expectations._docs_decorators").setLevel(logging.ERROR)
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import great_expectations as gx
+        from great_expectations.execution_engine import pandas_execution_engine
+
+    # GX fingerprints every pandas batch smaller than HASH_THRESHOLD bytes with an MD5 over
+    # the whole frame (a batch marker nothing here reads), twice per validation: more than half
+    # of the check's time on 20k rows. Turning it off changes no result. (GX is pinned.)
+    if hasattr(pandas_execution_engine, "HASH_THRESHOLD"):
+        pandas_execution_engine.HASH_THRESHOLD = 0
+    return gx
+
+
+def _gx_context(docs_dir: Path | None) -> Any:
+    """One ephemeral GX context per process and Data Docs directory.
+
+    Suites live in memory; validation results (counts only) are kept in a hidden directory
+    next to the HTML so that the Data Docs index lists every run, not only this process's.
+    """
+    key = str(docs_dir or "")
+    with _GX_LOCK:
+        if key in _GX_CONTEXTS:
+            return _GX_CONTEXTS[key]
+        gx = import_gx()
+        from great_expectations.data_context.types.base import (
+            DataContextConfig,
+            InMemoryStoreBackendDefaults,
+            ProgressBarsConfig,
+        )
+
+        defaults = InMemoryStoreBackendDefaults()
+        stores = dict(defaults.stores)
+        sites: dict[str, Any] = {}
+        if docs_dir is not None:
+            stores[defaults.validation_results_store_name] = {
+                "class_name": "ValidationResultsStore",
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                                  "base_directory": str(docs_dir / ".results")},
+            }
+            sites["leadsync"] = {
+                "class_name": "SiteBuilder",
+                "show_how_to_buttons": False,
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                                  "base_directory": str(docs_dir)},
+                # Suites live in memory, one process per run: keep the pages other runs
+                # and destinations wrote instead of cleaning them as "missing".
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder",
+                                       "show_cta_footer": False,
+                                       "skip_and_clean_missing": False},
+            }
+        config = DataContextConfig(
+            stores=stores,
+            expectations_store_name=defaults.expectations_store_name,
+            validation_results_store_name=defaults.validation_results_store_name,
+            checkpoint_store_name=defaults.checkpoint_store_name,
+            data_docs_sites=sites,
+            analytics_enabled=False,
+            progress_bars=ProgressBarsConfig(globally=False),
+        )
+        context = gx.get_context(mode="ephemeral", project_config=config)
+        asset = context.data_sources.add_pandas("leadsync").add_dataframe_asset("window")
+        asset.add_batch_definition_whole_dataframe("batch")
+        _GX_CONTEXTS[key] = context
+        return context
+
+
+class _Suite:
+    """The GX objects of one contract: suites in the context and the batch definition."""
+
+    def __init__(self, spec: ContractSpec) -> None:
+        gx = import_gx()
+        import great_expectations.expectations as gxe
+        from great_expectations.expectations.row_conditions import Column
+
+        self.context = _gx_context(spec.data_docs_dir)
+        self.template: Any = None  # the last GX result (its meta is reused in the Data Docs)
+        self.batches = (self.context.data_sources.get("leadsync").get_asset("window")
+                        .get_batch_definition("batch"))
+
+        def build(checks: Sequence[Check], offset: int) -> list[Any]:
+            out = []
+            for i, check in enumerate(checks, start=offset):
+                kwargs: dict[str, Any] = dict(check.kwargs)
+                if check.when_present:
+                    kwargs["row_condition"] = Column(check.when_present).is_not_null()
+                kwargs["meta"] = {"rule": check.rule, "check": i, "detail": check.detail}
+                out.append(getattr(gxe, check.expectation)(**kwargs))
+            return out
+
+        self.structure_checks = spec.structure_checks()
+        self.row_checks = spec.row_checks()
+        self.checks = [*self.structure_checks, *self.row_checks]
+        n = len(self.structure_checks)
+        with _GX_LOCK:
+            suites = self.context.suites
+            for name in (spec.suite_name, f"{spec.suite_name}_structure",
+                         f"{spec.suite_name}_rows"):
+                try:
+                    suites.delete(name)
+                except Exception:  # noqa: BLE001, S110 - absent: nothing to replace
+                    pass
+            # The whole contract, for the Data Docs suite page; validation runs its two parts.
+            self.suite = suites.add(gx.ExpectationSuite(
+                name=spec.suite_name,
+                expectations=build(self.structure_checks, 0) + build(self.row_checks, n)))
+            self.structure = suites.add(gx.ExpectationSuite(
+                name=f"{spec.suite_name}_structure",
+                expectations=build(self.structure_checks, 0)))
+            self.rows = suites.add(gx.ExpectationSuite(
+                name=f"{spec.suite_name}_rows", expectations=build(self.row_checks, n)))
+
+    def validate(self, frame: pd.DataFrame, suite: Any) -> list[Any]:
+        batch = self.batches.get_batch(batch_parameters={"dataframe": frame})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = batch.validate(suite, result_format=_RESULT_FORMAT)
+        for item in result.results:
+            info = item.exception_info or {}
+            if info.get("raised_exception"):
+                check = self.checks[int(item.expectation_config.meta["check"])]
+                # Quoted parts of a pandas/GX message can be row values: never log them.
+                message = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'",
+                                 str(info.get("exception_message")))[:300]
+                raise ContractError(f"Great Expectations could not evaluate {check.label}: "
+                                    f"{message}")
+        self.template = result
+        return list(result.results)
+
+
+# -- one run of the contract ---------------------------------------------------------------------
+
+
+class ContractError(RuntimeError):
+    """The contract could not be evaluated at all (a bug or an environment problem)."""
+
+
+@dataclass
+class _Tally:
+    element_count: int = 0
+    unexpected_count: int = 0
+    missing_count: int = 0
+    evaluated: bool = False
+    success: bool = True
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A row that breaks the contract: its quarantine key, rule and fixed detail."""
+
+    lead_id: str
+    stage: str
+    rule: str
+    detail: str
+    source_ts: datetime | None
+    position: int = -1  # the row's ordinal among the rows given to the session
+
+    def record(self) -> QuarantineRecord:
+        """As a quarantine entry."""
+        return QuarantineRecord(self.lead_id, self.stage, self.rule, self.detail, self.source_ts)
+
+
+@dataclass
+class ContractReport:
+    """What one run's check found: counts per rule and expectation, and the breaker's verdict.
+
+    JSON-serialisable via :meth:`as_dict` (the check task's XCom): counts, never identifiers.
+    """
+
+    destination: str
+    run_id: str
+    rows: int = 0
+    failing_rows: int = 0
+    new_rows: int = 0  # rows past the watermark: what the breaker's share is judged on
+    new_failing_rows: int = 0
+    outside_window_rows: int = 0
+    quarantined: dict[str, int] = field(default_factory=dict)
+    expectations: list[dict[str, Any]] = field(default_factory=list)
+    structural: list[str] = field(default_factory=list)
+    threshold: float = 0.2
+    min_rows: int = 20
+    max_quarantined_rows: int = 10_000
+    tripped: str | None = None
+    data_docs: str | None = None
+    aborted: bool = False
+
+    @property
+    def passed(self) -> bool:
+        """No breaker tripped: the run may stage (failing rows stay quarantined)."""
+        return self.tripped is None
+
+    @property
+    def failing_share(self) -> float:
+        """Failing rows over rows, among the rows new since the watermark.
+
+        Rows the lookback re-reads (at or before the watermark) were judged by an earlier run
+        that passed, and their failures accepted into quarantine: they are validated and
+        quarantined again, but do not count twice against the window.
+        """
+        return self.new_failing_rows / self.new_rows if self.new_rows else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Counts for XCom and logs."""
+        return {
+            "destination": self.destination,
+            "run_id": self.run_id,
+            "passed": self.passed,
+            "rows": self.rows,
+            "failing_rows": self.failing_rows,
+            "new_rows": self.new_rows,
+            "new_failing_rows": self.new_failing_rows,
+            "failing_share": round(self.failing_share, 6),
+            "outside_window_rows": self.outside_window_rows,
+            "threshold": self.threshold,
+            "quarantined": dict(sorted(self.quarantined.items())),
+            "failing_expectations": [e for e in self.expectations if e["unexpected"]],
+            "structural": list(self.structural),
+            "tripped": self.tripped,
+            "data_docs": self.data_docs,
+        }
+
+    def describe(self) -> str:
+        """A readable account, modelled on the GX Airflow provider's ``GXValidationFailed``."""
+        head = (f"Data contract {'passed' if self.passed else 'FAILED'} for destination "
+                f"{self.destination!r}, run {self.run_id}: {self.rows} rows checked, "
+                f"{self.failing_rows} failing; of the {self.new_rows} rows new since the "
+                f"watermark, {self.new_failing_rows} fail ({self.failing_share:.1%}; the "
+                f"limit is {self.threshold:.0%} once at least {self.min_rows} new rows are "
+                "checked)")
+        lines = [head + "."]
+        if self.tripped:
+            lines.append(f"Stopped: {self.tripped}")
+            lines.append("Nothing was staged or sent, and the watermark stays where it was.")
+        for problem in self.structural:
+            lines.append(f"Structural: {problem}")
+        failing = [e for e in self.expectations if e["unexpected"]]
+        if failing:
+            lines.append(f"Failing expectations ({len(failing)}), as rule: expectation: rows:")
+            lines.extend(f"  - {e['rule']}: {e['expectation']}: {e['unexpected']}"
+                         for e in failing)
+        if self.quarantined:
+            lines.append("Quarantined rows by rule: " + ", ".join(
+                f"{k}={v}" for k, v in sorted(self.quarantined.items())))
+        if self.outside_window_rows:
+            lines.append(f"{self.outside_window_rows} row(s) have no usable updated_at and can "
+                         "never enter the incremental window (quarantined, outside the share).")
+        evaluated = len(self.expectations)
+        lines.append(f"Statistics: {evaluated} expectations evaluated, "
+                     f"{evaluated - len(failing)} successful, {len(failing)} unsuccessful.")
+        if self.data_docs:
+            lines.append(f"Full validation result (Data Docs): {self.data_docs}")
+        if self.tripped:
+            lines.append("Quarantined rows (lead_id + stage + rule) are in the state store's "
+                         "ls_quarantine table (`leadsync state show`). Fix the source rows or "
+                         "query, then clear check_contract to run again.")
+        return "\n".join(lines)
+
+
+class ContractViolation(RuntimeError):
+    """The circuit breaker tripped: the window is broken, nothing may be staged or sent."""
+
+    def __init__(self, report: ContractReport) -> None:
+        self.report = report
+        super().__init__(report.describe())
+
+
+class ContractSession:
+    """One run's check: structure, then rows batch by batch, then the breaker and Data Docs."""
+
+    def __init__(self, spec: ContractSpec, run_id: str, now: datetime) -> None:
+        self.spec = spec
+        self.run_id = run_id
+        self.now = now
+        self.gx = _Suite(spec)
+        self.tallies = [_Tally() for _ in self.gx.checks]
+        self.report = ContractReport(spec.destination, run_id, threshold=spec.failure_threshold,
+                                     min_rows=spec.failure_min_rows,
+                                     max_quarantined_rows=spec.max_quarantined_rows)
+        self._batch = _Projection(spec, now)
+        self._batch_outside = False
+        self._quarantined: Counter[str] = Counter()
+        self._position = 0
+
+    # structure
+
+    def check_columns(self, columns: Iterable[str]) -> bool:
+        """Validates the source's column names; False (and structural failures) if any lack."""
+        import pandas as pd
+
+        names = [str(c) for c in columns]
+        frame = pd.DataFrame({name: pd.Series([], dtype=object) for name in names})
+        results = self.gx.validate(frame, self.gx.structure)
+        self._tally(results)
+        for item in results:
+            if not item.success:
+                check = self.gx.checks[int(item.expectation_config.meta["check"])]
+                self.report.structural.append(
+                    f"{check.label} failed: the source query returns {', '.join(names)}")
+        return not self.report.structural
+
+    # rows
+
+    def add(self, rows: Iterable[Mapping[str, Any]], same_key_rows: Callable[
+            [Mapping[str, Any]], int] | None = None, *, outside_window: bool = False,
+            is_new: Callable[[Mapping[str, Any]], bool] | None = None) -> list[Failure]:
+        """Projects rows; validates each full batch. Returns the failures of validated rows.
+
+        ``same_key_rows(row)`` is the number of rows of the window sharing the row's
+        (lead_id, stage) (1 when not given). ``is_new(row)`` says whether the row is past the
+        watermark (all are, when not given); only new rows count in the breaker's share. Rows
+        ``outside_window`` (no usable cursor) are validated and quarantined but never count in
+        the share.
+        """
+        failures: list[Failure] = []
+        if outside_window != self._batch_outside and len(self._batch):
+            failures += self.flush()
+        self._batch_outside = outside_window
+        for row in rows:
+            cursor = row.get("_cursor")
+            self._batch.add(row, same_key_rows(row) if same_key_rows else 1,
+                            getattr(cursor, "ts", None), self._position)
+            self._batch.new.append(not outside_window and (is_new is None or is_new(row)))
+            self._position += 1
+            if len(self._batch) >= self.spec.batch_rows:
+                failures += self.flush()
+        return failures
+
+    def flush(self) -> list[Failure]:
+        """Validates the rows projected so far."""
+        batch, self._batch = self._batch, _Projection(self.spec, self.now)
+        n = len(batch)
+        if not n:
+            return []
+        results = self.gx.validate(batch.frame(), self.gx.rows)
+        self._tally(results)
+        first: list[tuple[int, int] | None] = [None] * n  # (rank, check index) per row
+        for item in results:
+            index = int(item.expectation_config.meta["check"])
+            rank = (_RULE_RANK[self.gx.checks[index].rule], index)
+            for i in item.result.get("unexpected_index_list") or ():
+                current = first[int(i)]
+                if current is None or rank < current:
+                    first[int(i)] = rank
+        failures = []
+        for i, found in enumerate(first):
+            if found is None:
+                continue
+            check = self.gx.checks[found[1]]
+            lead, stage = batch.key(i)
+            failures.append(Failure(lead, stage, check.rule, check.detail, batch.cursors[i],
+                                    batch.positions[i]))
+            self._quarantined[check.rule] += 1
+        report = self.report
+        if self._batch_outside:
+            report.outside_window_rows += n
+        else:
+            report.rows += n
+            report.failing_rows += len(failures)
+            report.new_rows += sum(batch.new)
+            report.new_failing_rows += sum(1 for i, f in enumerate(first)
+                                           if f is not None and batch.new[i])
+        return failures
+
+    @property
+    def over_limit(self) -> bool:
+        """More failing rows than ``max_quarantined_rows``: no need to read further."""
+        return self.report.failing_rows > self.spec.max_quarantined_rows
+
+    def _tally(self, results: Sequence[Any]) -> None:
+        for item in results:
+            tally = self.tallies[int(item.expectation_config.meta["check"])]
+            result = item.result or {}
+            tally.evaluated = True
+            tally.success = tally.success and bool(item.success)
+            tally.element_count += int(result.get("element_count") or 0)
+            tally.unexpected_count += int(result.get("unexpected_count") or 0)
+            tally.missing_count += int(result.get("missing_count") or 0)
+
+    # verdict
+
+    def finish(self, *, aborted: str | None = None) -> ContractReport:
+        """Evaluates the breaker, writes the Data Docs; returns the report (raises nothing).
+
+        ``aborted`` says why the caller stopped reading early (which trips the breaker).
+        """
+        self.flush()
+        report = self.report
+        report.aborted = aborted is not None
+        report.quarantined = dict(self._quarantined)
+        report.expectations = []
+        for check, tally in zip(self.gx.checks, self.tallies, strict=True):
+            if not tally.evaluated:
+                continue
+            unexpected = tally.unexpected_count
+            if check.rule == "missing_column" and not tally.success:
+                unexpected = max(unexpected, 1)
+            report.expectations.append({"rule": check.rule, "expectation": check.label,
+                                        "unexpected": unexpected,
+                                        "element_count": tally.element_count})
+            nonnull = tally.element_count - tally.missing_count
+            if check.rule == "bad_type" and tally.unexpected_count and \
+                    tally.unexpected_count >= nonnull:
+                report.structural.append(
+                    f"{check.label}: no value of the column is usable ({nonnull} non-null "
+                    "values, all of an unusable type): the column's type is wrong")
+        spec = self.spec
+        if report.structural:
+            report.tripped = "the source breaks a structural rule (" + "; ".join(
+                report.structural) + ")"
+        elif report.failing_rows > spec.max_quarantined_rows:
+            stopped = f"; {aborted}" if aborted else ""
+            report.tripped = (f"more than {spec.max_quarantined_rows} rows fail the contract "
+                              f"(contract.max_quarantined_rows){stopped}")
+        elif aborted:
+            report.tripped = aborted
+        elif (report.new_rows >= spec.failure_min_rows
+              and report.failing_share > spec.failure_threshold):
+            report.tripped = (f"{report.new_failing_rows} of {report.new_rows} new rows "
+                              f"({report.failing_share:.1%}) fail the contract, above the "
+                              f"threshold of {spec.failure_threshold:.0%} "
+                              "(contract.failure_threshold)")
+        if spec.data_docs_dir is not None:
+            try:
+                report.data_docs = self._build_docs()
+            except Exception as exc:  # noqa: BLE001 - docs are a view; never fail the run on them
+                log.warning("could not build the Data Docs in %s: %s", spec.data_docs_dir, exc)
+        return report
+
+    def _build_docs(self) -> str | None:
+        from great_expectations.core.expectation_validation_result import (
+            ExpectationSuiteValidationResult,
+            ExpectationValidationResult,
+        )
+        from great_expectations.core.run_identifier import RunIdentifier
+        from great_expectations.data_context.types.resource_identifiers import (
+            ExpectationSuiteIdentifier,
+            ValidationResultIdentifier,
+        )
+
+        report = self.report
+        results = []
+        for gx_exp, check, tally in zip(self.gx.suite.expectations, self.gx.checks,
+                                        self.tallies, strict=True):
+            if not tally.evaluated:
+                continue
+            total = tally.element_count
+            counts: dict[str, Any] = {}
+            if check.rule != "missing_column":
+                nonmissing = max(total - tally.missing_count, 0)
+                counts = {
+                    "element_count": total,
+                    "unexpected_count": tally.unexpected_count,
+                    "missing_count": tally.missing_count,
+                    "unexpected_percent": 100.0 * tally.unexpected_count / nonmissing
+                    if nonmissing else 0.0,
+                    "missing_percent": 100.0 * tally.missing_count / total if total else 0.0,
+                    "unexpected_percent_total": 100.0 * tally.unexpected_count / total
+                    if total else 0.0,
+                    "unexpected_percent_nonmissing": 100.0 * tally.unexpected_count / nonmissing
+                    if nonmissing else 0.0,
+                    "partial_unexpected_list": [],
+                }
+            results.append(ExpectationValidationResult(
+                success=tally.success and tally.unexpected_count == 0,
+                expectation_config=gx_exp.configuration, result=counts))
+        failed = sum(1 for r in results if not r.success)
+        run = RunIdentifier(run_name=_safe_name(report.run_id), run_time=self.now)
+        meta = {k: v for k, v in (self.gx.template or _Empty()).meta.items()
+                if k in ("great_expectations_version", "active_batch_definition")}
+        meta["run_id"] = run
+        meta["leadsync"] = {k: v for k, v in report.as_dict().items() if k != "data_docs"}
+        suite_result = ExpectationSuiteValidationResult(
+            success=report.passed, results=results, suite_name=self.spec.suite_name,
+            statistics={"evaluated_expectations": len(results),
+                        "successful_expectations": len(results) - failed,
+                        "unsuccessful_expectations": failed,
+                        "success_percent": 100.0 * (len(results) - failed) / len(results)
+                        if results else 100.0},
+            meta=meta)
+        context = self.gx.context
+        key = ValidationResultIdentifier(
+            expectation_suite_identifier=ExpectationSuiteIdentifier(name=self.spec.suite_name),
+            run_id=run, batch_identifier=f"{self.spec.destination}_window")
+        with _GX_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            context.validation_results_store.set(key, suite_result)
+            context.build_data_docs(site_names=["leadsync"], resource_identifiers=[
+                key, ExpectationSuiteIdentifier(name=self.spec.suite_name)])
+            urls = context.get_docs_sites_urls(resource_identifier=key, site_name="leadsync")
+        url = urls[0]["site_url"] if urls else None
+        return str(url).removeprefix("file://") if url else None
+
+
+class _Empty:
+    meta: Mapping[str, Any] = {}
+
+
+def _safe_name(run_id: str) -> str:
+    # Airflow run ids hold ':' and '+', which make awkward file names in the Data Docs tree.
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id)[:200]
+
+
+# -- warehouse pushdown ------------------------------------------------------------------------
+
+
+def source_columns(engine: Engine, query: str) -> list[str]:
+    """The column names the source query returns (a zero-row query)."""
+    from sqlalchemy import text
+
+    from leadsync.source import SourceError
+
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(f"SELECT * FROM ({query}) src WHERE 1=0")).keys())
+    except Exception as exc:  # noqa: BLE001 - any driver error becomes one clear message
+        raise SourceError(f"the source query failed: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:300]}") from None
+
+
+def window_key_counts(source: Source, window: Window, cap: int) -> dict[tuple[str, str], int]:
+    """(lead_id, stage) keys that occur more than once in the window, with their row counts.
+
+    One ``GROUP BY`` in the warehouse over the same rows the stream reads (the same keyset
+    bounds, binds and SQL), returning only the duplicated keys, at most ``cap + 1`` of them.
+    """
+    from sqlalchemy import String, cast, column, func, select, text
+
+    from leadsync.source import SourceError
+
+    lo = window.lo
+    exact = lo is not None and lo.lead_id is not None
+    params: dict[str, Any] = {"hi_ts": source._ts_param(window.hi), "page": 2**62}
+    if lo is not None:
+        params["lo_ts"] = source._ts_param(lo.ts)
+        if exact:
+            params["lo_lead"], params["lo_stage"] = lo.lead_id, lo.stage
+    rows = text(source._sql(lo, exact)).columns(column("lead_id"), column("stage")).subquery("d")
+    lead_key = func.trim(cast(rows.c.lead_id, String))
+    stage_key = func.trim(cast(rows.c.stage, String))
+    query = (select(lead_key, stage_key, func.count())
+             .group_by(lead_key, stage_key).having(func.count() > 1).limit(cap + 1))
+    try:
+        with source.engine.connect() as conn:
+            result = conn.execute(query, params)
+            return {(str(k), str(s)): int(n) for k, s, n in result}
+    except Exception as exc:  # noqa: BLE001
+        raise SourceError(f"counting duplicate (lead_id, stage) in the window failed: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+
+
+def null_cursor_rows(source: Source, limit: int) -> list[dict[str, Any]]:
+    """Rows whose ``updated_at`` is null or unreadable: the keyset window never sees them."""
+    from sqlalchemy import text
+
+    from leadsync.source import SourceError
+
+    ts = ("strftime('%Y-%m-%d %H:%M:%f', src.updated_at)"
+          if source.engine.dialect.name == "sqlite" else "src.updated_at")
+    sql = f"SELECT * FROM ({source.query}) src WHERE {ts} IS NULL LIMIT :n"
+    try:
+        with source.engine.connect() as conn:
+            return [dict(m) for m in conn.execute(text(sql), {"n": limit}).mappings()]
+    except Exception as exc:  # noqa: BLE001
+        raise SourceError(f"looking for rows without updated_at failed: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:300]}") from None
+
+
+# -- in memory (render, tests) -------------------------------------------------------------------
+
+
+def check_rows(rows: Sequence[Mapping[str, Any]], config: Config, dest: DestinationConfig,
+               now: datetime, *, run_id: str = "render") -> list[Failure | None]:
+    """The contract on rows in memory, one verdict per row (None = passes). No Data Docs.
+
+    The whole input is one window: duplicates are counted across all of it. A structural
+    failure (a required column absent from every row) fails every row with that rule.
+    """
+    spec = ContractSpec.from_config(config, dest, data_docs=False)
+    session = ContractSession(spec, run_id, now)
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    if not session.check_columns(columns):
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        return [Failure(*quarantine_key(row), "missing_column",
+                        f"column {', '.join(missing)} is missing", None, i)
+                for i, row in enumerate(rows)]
+    counts = Counter(duplicate_key(r.get("lead_id"), r.get("stage")) for r in rows)
+
+    def same(row: Mapping[str, Any]) -> int:
+        return counts[duplicate_key(row.get("lead_id"), row.get("stage"))]
+
+    failed = {f.position: f for f in session.add(rows, same) + session.flush()}
+    return [failed.get(i) for i in range(len(rows))]
+
+
+__all__ = ["ISO_3166_ALPHA2", "ISO_4217", "MATCH_KEY_GROUPS", "RULES", "Check", "ContractError",
+           "ContractReport", "ContractSession", "ContractSpec", "ContractViolation", "Failure",
+           "Rule", "check_row", "check_rows", "duplicate_key", "import_gx", "null_cursor_rows",
+           "parse_timestamp", "quarantine_key", "source_columns", "window_key_counts"]

@@ -178,6 +178,14 @@ class Source:
                 ) from None
             if n_page < self.page_size or last is None:
                 return
+            if lo is not None and exact and last == lo:
+                # The database did not move past the bound it was given: paging again would
+                # re-read the same page forever.
+                raise SourceError(
+                    "the source made no progress past updated_at "
+                    f"{last.ts.isoformat()}; check that updated_at, lead_id and stage compare "
+                    "consistently in the warehouse"
+                )
             # Next page: strictly after the last row, in the warehouse's own ordering.
             lo = last
             exact = True

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
@@ -39,6 +41,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import IntegrityError
 
@@ -90,7 +93,8 @@ class Cursor:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form (lead_id keeps its warehouse type)."""
-        return {"updated_at": self.ts.isoformat(), "lead_id": self.lead_id, "stage": self.stage}
+        return {"updated_at": self.ts.isoformat(), "lead_id": json_lead_id(self.lead_id),
+                "stage": self.stage}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Cursor:
@@ -199,6 +203,29 @@ leases = Table(
     Column("expires_at", UTCDateTime, nullable=False),
 )
 
+# Requests a platform accepted for asynchronous processing (Data Manager requestId), found
+# through the ledger (delivered events keep the request id as detail) and looked up on later
+# runs until the platform reports a final status. Migration 2.
+platform_requests = Table(
+    "ls_requests",
+    metadata,
+    Column("destination", String(64), primary_key=True),
+    Column("request_id", String(512), primary_key=True),
+    Column("batch_id", String(64)),
+    Column("run_id", String(250)),
+    Column("n_events", Integer, nullable=False),
+    Column("sent_at", UTCDateTime, nullable=False),
+    Column("status", String(32), nullable=False),  # SENT until checked, then the platform's
+    Column("done", Integer, nullable=False, default=0),
+    Column("checks", Integer, nullable=False, default=0),
+    Column("checked_at", UTCDateTime),
+    Column("next_check_at", UTCDateTime, nullable=False),
+    Column("counts", Text),  # JSON: per platform destination, record counts by outcome
+    Column("message", Text),
+    Index("ix_ls_requests_due", "destination", "done", "next_check_at"),
+)
+REQUEST_SENT = "SENT"
+
 
 def _migration_1(conn: Connection) -> None:
     metadata.create_all(
@@ -206,9 +233,20 @@ def _migration_1(conn: Connection) -> None:
     )
 
 
+def _migration_2(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[platform_requests], checkfirst=True)
+    # Finds delivered events carrying a request id (reason 'receipt') changed since a time.
+    conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS ix_ls_ledger_reason "
+        "ON ls_ledger (destination, reason, updated_at)"
+    )
+
+
 # Ordered; each entry runs once, in its own transaction, recorded in ls_schema_version.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
+# Postgres advisory lock key that serialises migrators (any constant unique to leadsync).
+_MIGRATION_LOCK = 0x6C65616473796E63  # "leadsync"
 
 
 def utcnow() -> datetime:
@@ -295,28 +333,50 @@ class StateStore:
     # -- schema -------------------------------------------------------------------------
 
     def migrate(self) -> int:
-        """Creates or upgrades the schema; returns the version now in force."""
+        """Creates or upgrades the schema; returns the version now in force.
+
+        Safe when several workers start on a fresh database at once: creating a table is
+        check-then-create, so migrators take turns (a Postgres advisory lock, an immediate
+        SQLite transaction) and each finds the work of the one before it done.
+        """
         if self._migrated:
             return SCHEMA_VERSION
-        metadata.create_all(self.engine, tables=[schema_version], checkfirst=True)
-        for version, migration in enumerate(MIGRATIONS, start=1):
-            with self.engine.begin() as conn:
-                done = conn.execute(
-                    select(schema_version.c.version).where(schema_version.c.version == version)
-                ).first()
-                if done:
-                    continue
-                migration(conn)
-                try:
-                    with conn.begin_nested():
-                        conn.execute(
-                            insert(schema_version).values(version=version, applied_at=utcnow())
-                        )
-                except IntegrityError:
-                    # A concurrent migrator got there first; create_all is idempotent.
-                    pass
+        postgres = self.engine.dialect.name == "postgresql"
+        with self.engine.connect() as conn:
+            lock = {"key": _MIGRATION_LOCK}
+            if postgres:
+                conn.execute(sql_text("SELECT pg_advisory_lock(:key)"), lock)
+                conn.commit()
+            try:
+                with self._migration_transaction(conn):
+                    metadata.create_all(conn, tables=[schema_version], checkfirst=True)
+                for version, migration in enumerate(MIGRATIONS, start=1):
+                    with self._migration_transaction(conn):
+                        done = conn.execute(
+                            select(schema_version.c.version).where(
+                                schema_version.c.version == version
+                            )
+                        ).first()
+                        if not done:
+                            migration(conn)
+                            conn.execute(
+                                insert(schema_version).values(version=version, applied_at=utcnow())
+                            )
+            finally:
+                if postgres:
+                    conn.rollback()
+                    conn.execute(sql_text("SELECT pg_advisory_unlock(:key)"), lock)
+                    conn.commit()
         self._migrated = True
         return SCHEMA_VERSION
+
+    @contextmanager
+    def _migration_transaction(self, conn: Connection) -> Iterator[None]:
+        with conn.begin():
+            if conn.dialect.name == "sqlite":
+                # Takes the write lock before the existence checks, not at the first CREATE.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            yield
 
     def version(self) -> int:
         """The highest applied migration."""
@@ -442,7 +502,7 @@ class StateStore:
         ).first()
         values = {
             "cursor_ts": cursor.ts,
-            "cursor_lead_id": json.dumps(cursor.lead_id),
+            "cursor_lead_id": json.dumps(json_lead_id(cursor.lead_id)),
             "cursor_stage": cursor.stage,
             "run_id": run_id,
             "moved_at": utcnow(),
@@ -499,6 +559,36 @@ class StateStore:
         for key in ("window_max", "watermark_before", "watermark_after"):
             data[key] = _cursor_from_json(data[key])
         return data
+
+    def set_run_counts(
+        self,
+        run_id: str,
+        destination: str,
+        counts: Mapping[str, int],
+        replace_prefixes: Sequence[str] = (),
+    ) -> None:
+        """Sets (rather than adds) the run's counters ``counts``, first dropping every counter
+        whose name starts with one of ``replace_prefixes``: a step that is retried recomputes
+        its counts from scratch and must not count twice."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(runs.c.counts).where(
+                    runs.c.run_id == run_id, runs.c.destination == destination
+                )
+            ).first()
+            if row is None:
+                return
+            merged = {
+                k: v
+                for k, v in json.loads(row.counts or "{}").items()
+                if not any(k.startswith(p) for p in replace_prefixes)
+            }
+            merged.update({k: int(v) for k, v in counts.items()})
+            conn.execute(
+                update(runs)
+                .where(runs.c.run_id == run_id, runs.c.destination == destination)
+                .values(counts=json.dumps(merged, sort_keys=True))
+            )
 
     def update_run(
         self,
@@ -856,6 +946,21 @@ class StateStore:
                     )
 
 
+    def quarantine_keys_for_run(self, destination: str, run_id: str) -> set[tuple[str, str]]:
+        """(lead_id, stage) of open entries that ``run_id`` (re)quarantined: the rows its
+        contract check turned away (few by nature; the breaker caps them)."""
+        with self.engine.connect() as conn:
+            return {
+                (r.lead_id, r.stage)
+                for r in conn.execute(
+                    select(quarantine.c.lead_id, quarantine.c.stage).where(
+                        quarantine.c.destination == destination,
+                        quarantine.c.run_id == run_id,
+                        quarantine.c.resolved_at.is_(None),
+                    )
+                )
+            }
+
     def open_quarantine_keys(self, destination: str) -> set[tuple[str, str]]:
         """(lead_id, stage) of unresolved quarantine entries (small by nature)."""
         with self.engine.connect() as conn:
@@ -932,10 +1037,171 @@ class StateStore:
                 for r in conn.execute(select(ledger).where(ledger.c.destination == destination))
             ]
 
+    # -- platform requests (asynchronous processing status) -------------------------------
+
+    def collect_receipts(
+        self, destination: str, reason: str, margin: timedelta = timedelta(hours=1)
+    ) -> int:
+        """Registers the requests that delivered events name (ledger ``reason`` = ``reason``,
+        ``detail`` = request id) and that are not known yet; returns how many were new.
+
+        Only ledger rows changed since the newest known request (less ``margin``, for
+        transactions that committed late) are read, through ``ix_ls_ledger_reason``.
+        """
+        now = utcnow()
+        with self.engine.begin() as conn:
+            newest = conn.execute(
+                select(func.max(platform_requests.c.sent_at)).where(
+                    platform_requests.c.destination == destination
+                )
+            ).scalar()
+            query = select(
+                ledger.c.detail,
+                ledger.c.batch_id,
+                func.max(ledger.c.run_id).label("run_id"),
+                func.count().label("n"),
+                func.max(ledger.c.updated_at).label("sent_at"),
+            ).where(
+                ledger.c.destination == destination,
+                ledger.c.reason == reason,
+                ledger.c.status == DELIVERED,
+                ledger.c.detail.is_not(None),
+            )
+            if newest is not None:
+                query = query.where(ledger.c.updated_at >= newest - margin)
+            found = conn.execute(query.group_by(ledger.c.detail, ledger.c.batch_id)).all()
+            ids = list({row.detail for row in found})
+            known: set[str] = set()
+            for start in range(0, len(ids), 900):
+                known.update(
+                    conn.execute(
+                        select(platform_requests.c.request_id).where(
+                            platform_requests.c.destination == destination,
+                            platform_requests.c.request_id.in_(ids[start : start + 900]),
+                        )
+                    ).scalars()
+                )
+            fresh = {}
+            for row in found:
+                if row.detail in known or row.detail in fresh:
+                    continue
+                sent_at = row.sent_at or now
+                fresh[row.detail] = {
+                    "destination": destination,
+                    "request_id": row.detail,
+                    "batch_id": row.batch_id,
+                    "run_id": row.run_id,
+                    "n_events": int(row.n),
+                    "sent_at": sent_at,
+                    "status": REQUEST_SENT,
+                    "done": 0,
+                    "checks": 0,
+                    "next_check_at": sent_at,
+                }
+            if fresh:
+                conn.execute(insert(platform_requests), list(fresh.values()))
+        return len(fresh)
+
+    def due_requests(
+        self, destination: str, now: datetime, exclude_run_id: str | None = None,
+        limit: int = 200,
+    ) -> list[dict[str, Any]]:
+        """Requests whose status is not final and due for a look, oldest first."""
+        query = select(platform_requests).where(
+            platform_requests.c.destination == destination,
+            platform_requests.c.done == 0,
+            platform_requests.c.next_check_at <= now,
+        )
+        if exclude_run_id is not None:
+            query = query.where(or_(platform_requests.c.run_id.is_(None),
+                                    platform_requests.c.run_id != exclude_run_id))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(platform_requests.c.sent_at).limit(limit))
+            return [dict(r._mapping) for r in rows]
+
+    def record_request_status(
+        self,
+        destination: str,
+        request_id: str,
+        *,
+        status: str,
+        done: bool,
+        next_check_at: datetime,
+        counts: Mapping[str, Any] | None = None,
+        message: str | None = None,
+        failed_event_names: Sequence[str] = (),
+        receipt_reason: str | None = None,
+    ) -> int:
+        """Records a status lookup; returns how many ledger events became dead letters.
+
+        When the platform reports that every record of some of its destinations failed
+        (``failed_event_names``: the events' names, e.g. conversion action ids), those events
+        move from delivered to failed in the same transaction (G1: dead-lettered with the
+        platform's error, and the reprocess DAG can send them again).
+        """
+        now = utcnow()
+        failed = 0
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(platform_requests)
+                .where(platform_requests.c.destination == destination,
+                       platform_requests.c.request_id == request_id)
+                .values(status=status, done=int(done), checks=platform_requests.c.checks + 1,
+                        checked_at=now, next_check_at=next_check_at,
+                        counts=json.dumps(counts, sort_keys=True) if counts else None,
+                        message=message)
+            )
+            if failed_event_names and receipt_reason:
+                detail = f"request {request_id} {status}: {message or ''}".strip()[:1000]
+                failed = conn.execute(
+                    update(ledger)
+                    .where(ledger.c.destination == destination,
+                           ledger.c.status == DELIVERED,
+                           ledger.c.reason == receipt_reason,
+                           ledger.c.detail == request_id,
+                           ledger.c.event_name.in_(list(failed_event_names)))
+                    .values(status=FAILED, reason="request_failed", detail=detail,
+                            updated_at=now)
+                ).rowcount
+        return int(failed or 0)
+
+    def request_rows(self, destination: str) -> list[dict[str, Any]]:
+        """Every known platform request of a destination, counts decoded (tests, CLI)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(platform_requests)
+                .where(platform_requests.c.destination == destination)
+                .order_by(platform_requests.c.sent_at)
+            )
+            result = []
+            for r in rows:
+                data = dict(r._mapping)
+                data["counts"] = json.loads(data["counts"]) if data["counts"] else {}
+                result.append(data)
+            return result
+
+
+def json_lead_id(value: Any) -> Any:
+    """A warehouse lead id in the form the state store keeps (JSON): text and integers as
+    they are; other types (Postgres uuid, numeric, ...) as an integer when integral, else as
+    text, which the warehouse compares with the column's own type again."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, Decimal):
+        finite = value.is_finite()
+    elif isinstance(value, float):
+        finite = math.isfinite(value)
+    else:
+        return str(value)  # uuid.UUID and other types with a canonical text form
+    return int(value) if finite and value == int(value) else str(value)
+
 
 def _cursor_key(cursor: Cursor) -> tuple[datetime, str, str]:
-    # lead_id can be int or str in the warehouse; compare like with like, falling back to str.
-    lead = cursor.lead_id
+    # lead_id can be int or str in the warehouse; compare like with like, falling back to str,
+    # in the stored form so that a cursor read now and one decoded from JSON agree.
+    lead = json_lead_id(cursor.lead_id)
     return (cursor.ts, f"{lead:020d}" if isinstance(lead, int) else str(lead), cursor.stage)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,6 +18,9 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 META_TOKEN = "sandbox-meta-token"
 META_PIXEL = "1234567890123456"
+TIKTOK_TOKEN = "sandbox-tiktok-token"
+TIKTOK_CRM_EVENT_SET = "SANDBOXCRM00000000001"
+GOOGLE_TOKEN = "sandbox-google-token"
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +31,7 @@ def airflow_db() -> None:
     airflow = Path(sys.executable).with_name("airflow")
     subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True,
                    env=dict(os.environ))
-    for name in ("leadsync_meta",):
+    for name in ("leadsync_meta", "leadsync_tiktok", "leadsync_google", "leadsync_google_ads"):
         subprocess.run([str(airflow), "pools", "set", name, "4", "test"], check=True,
                        capture_output=True, env=dict(os.environ))
 
@@ -87,15 +89,15 @@ class Backend:
     def sandbox_stats(self) -> dict[str, Any]:
         return dict(requests.get(f"{self.sandbox_url}/_sandbox/stats", timeout=5).json()["meta"])
 
-    def run_dag(self, dag_id: str = "leadsync_meta") -> Any:
+    def run_dag(self, dag_id: str = "leadsync_meta",
+                conf: dict[str, Any] | None = None) -> Any:
         """Parses the real DAG folder and runs one DAG run in-process with ``dag.test()``."""
         from airflow.dag_processing.dagbag import DagBag
 
-        bag = DagBag(dag_folder=str(ROOT / "dags"), include_examples=False)
+        bag = DagBag(dag_folder=str(ROOT / "dags"))
         assert not bag.import_errors, bag.import_errors
         dag = bag.get_dag(dag_id)
-        return dag.test(run_id=f"test__{uuid.uuid4().hex[:12]}",
-                        logical_date=datetime.now(UTC))
+        return dag.test(logical_date=datetime.now(UTC), run_conf=conf)
 
 
 def _conn(url: str) -> str:
@@ -115,6 +117,13 @@ def make_backend(kind: str, tmp_path: Path, request: pytest.FixtureRequest,
     monkeypatch.setenv("AIRFLOW_CONN_LEADSYNC_META", json.dumps({
         "conn_type": "http", "host": sandbox.url, "password": META_TOKEN,
         "extra": {"pixel_id": META_PIXEL, "api_version": "v25.0"}}))
+    monkeypatch.setenv("AIRFLOW_CONN_LEADSYNC_TIKTOK", json.dumps({
+        "conn_type": "http", "host": sandbox.url, "password": TIKTOK_TOKEN,
+        "extra": {"event_source_id": TIKTOK_CRM_EVENT_SET}}))
+    for google in ("AIRFLOW_CONN_LEADSYNC_GOOGLE", "AIRFLOW_CONN_LEADSYNC_GOOGLE_ADS"):
+        # A static token: the sandbox stands in for Google, no OAuth endpoint is contacted.
+        monkeypatch.setenv(google, json.dumps({
+            "conn_type": "http", "host": sandbox.url, "extra": {"access_token": GOOGLE_TOKEN}}))
     requests.post(f"{sandbox.url}/_sandbox/reset", timeout=5).raise_for_status()
     return Backend(kind, wh, state, sandbox.url, monkeypatch)
 

@@ -1,18 +1,35 @@
 """The shape every destination module has.
 
-A destination module (``meta.py``, later ``tiktok.py``, ``google_datamanager.py``, ...) is
-pure: limits as data, eligibility, event building, request building and response parsing as
-functions, and a credentials type validated from an Airflow connection's fields. HTTP lives in
-:mod:`leadsync.destinations.http`, retries and batch splitting in :mod:`leadsync.delivery`.
+A destination module (``meta.py``, ``tiktok.py``, ``google_datamanager.py``,
+``google_ads.py``) is pure: limits as data, eligibility, event building, request building and
+response parsing as functions, and a credentials type validated from an Airflow connection's
+fields. HTTP lives in :mod:`leadsync.destinations.http`, retries and batch splitting in
+:mod:`leadsync.delivery`. Adding a platform is one module of this shape, its sandbox emulator
+and its tests.
+
+How a response is classified is the module's business; what happens next is the sender's,
+the same for every platform (:class:`SendResult`):
+
+* the whole request may be accepted (``OK``), retried (``TRANSIENT``), rejected as a whole
+  (``PERMANENT``: the sender isolates the bad events and resends the rest) or fatal;
+* an accepted request may still name per-event outcomes (``event_errors`` failed for good,
+  ``event_duplicates`` already delivered by an earlier request, ``event_deferred`` to retry in
+  a later run): Google Ads API partial failures;
+* a rejected request may name its bad events (``event_errors``): TikTok's ``Batch.<i>``
+  messages, Data Manager's BadRequest field violations;
+* an accepted request may come with a ``receipt`` (the platform's request id) when the
+  platform processes asynchronously: modules that can look the receipt up later provide the
+  optional :class:`RequestStatusChecker` functions (Data Manager ``requestStatus:retrieve``).
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -39,6 +56,9 @@ class Limits:
     # in the window when it is sent (or retried) later.
     stage_margin: timedelta = timedelta(hours=1)
     send_margin: timedelta = timedelta(minutes=1)
+    # How long the platform deduplicates a resent event id (None = no known expiry). A
+    # reprocess never resends a delivered event older than this: it would be counted twice.
+    dedup_window: timedelta | None = None
 
 
 @dataclass(frozen=True)
@@ -49,24 +69,43 @@ class Skip:
     expired: bool = False
 
 
+#: Returns headers (``Authorization: Bearer ...``) minted when the request is sent, so that a
+#: request built once and retried later carries a fresh token. Raises
+#: :class:`FatalDestinationError` when the credentials are refused, and
+#: :class:`leadsync.destinations.http.TransportError` when the token endpoint is unreachable.
+AuthHeaders = Callable[[], Mapping[str, str]]
+
+
 @dataclass(frozen=True)
 class HttpRequest:
-    """One request as the platform receives it; ``secrets`` name body/header keys to mask."""
+    """One request as the platform receives it; ``secrets`` name body/header keys to mask.
+
+    ``auth``, when set, adds headers at send time (OAuth access tokens); they are never part
+    of what :meth:`masked` shows, which lists their names only.
+    """
 
     method: str
     url: str
-    body: dict[str, Any]
+    body: dict[str, Any] | None
     headers: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     secret_body_keys: tuple[str, ...] = ()
     secret_headers: tuple[str, ...] = ()
+    auth: AuthHeaders | None = field(default=None, compare=False, repr=False)
+    auth_header_names: tuple[str, ...] = ("Authorization",)
 
     def masked(self) -> dict[str, Any]:
         """The request with every secret replaced by ``***`` (for render and logs)."""
-        body = {k: (MASK if k in self.secret_body_keys else v) for k, v in self.body.items()}
+        body = (
+            None
+            if self.body is None
+            else {k: (MASK if k in self.secret_body_keys else v) for k, v in self.body.items()}
+        )
         headers = {
             k: (MASK if k in self.secret_headers else v) for k, v in self.headers.items()
         }
+        if self.auth is not None:
+            headers.update(dict.fromkeys(self.auth_header_names, MASK))
         return {"method": self.method, "url": self.url, "headers": headers, "body": body}
 
 
@@ -81,7 +120,13 @@ class ResultKind(enum.Enum):
 
 @dataclass(frozen=True)
 class SendResult:
-    """A platform response, classified."""
+    """A platform response, classified.
+
+    Indices are positions in the request's event list. With ``OK``, ``received`` counts the
+    events accepted by *this* request (None: all not named in the per-event fields), and the
+    per-event fields say what happened to the others; with ``PERMANENT``, ``event_errors``
+    names the events that sank the request (the sender resends the rest).
+    """
 
     kind: ResultKind
     message: str = ""
@@ -90,6 +135,15 @@ class SendResult:
     code: str | None = None
     # Index in the request → error message, when the platform names the bad events.
     event_errors: Mapping[int, str] = field(default_factory=dict)
+    # Events the platform already has from an earlier request (Google Ads
+    # ORDER_ID_ALREADY_IN_USE): delivered, by that earlier request.
+    event_duplicates: Collection[int] = frozenset()
+    # Index → message for events the platform asks to send again later (Google Ads
+    # TOO_RECENT_EVENT): they stay pending in the outbox for the next run.
+    event_deferred: Mapping[int, str] = field(default_factory=dict)
+    # The platform's id of an accepted request whose processing finishes later (Data
+    # Manager requestId); kept with each event so a later run can look its status up.
+    receipt: str | None = None
 
 
 class Destination(Protocol):
@@ -128,6 +182,51 @@ class Destination(Protocol):
         self, status: int, body: str, headers: Mapping[str, str], n_sent: int
     ) -> SendResult:
         """Classifies a response."""
+
+
+@dataclass(frozen=True)
+class RequestStatus:
+    """The processing status of an accepted request, as the platform reports it later.
+
+    Attributes:
+        state: ``SUCCESS``, ``PARTIAL_SUCCESS``, ``FAILED``, ``PROCESSING`` or ``UNKNOWN``
+            (the platform's word, for the request as a whole).
+        done: Whether the status is final (no need to ask again).
+        counts: Per-destination record counts (``{"<destination>": {"ingested": n,
+            "error.<REASON>": n, "warning.<REASON>": n}}``), JSON-ready.
+        failed_destinations: Destinations (event names, e.g. conversion action ids) whose
+            every record failed: their events are dead letters now.
+        message: A short explanation for logs.
+    """
+
+    state: str
+    done: bool
+    counts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    failed_destinations: Collection[str] = frozenset()
+    message: str = ""
+
+
+class RequestStatusChecker(Protocol):
+    """Optional functions of a destination whose platform processes requests asynchronously.
+
+    A module provides both or neither; :func:`checks_request_status` tells.
+    """
+
+    def build_status_request(self, receipt: str, creds: Any) -> HttpRequest:
+        """The request that asks for the status of the request with id ``receipt``."""
+
+    def parse_status_response(
+        self, status: int, body: str, headers: Mapping[str, str]
+    ) -> RequestStatus | SendResult:
+        """The status, or a :class:`SendResult` (``TRANSIENT``/``FATAL``) when the lookup
+        itself failed."""
+
+
+def checks_request_status(module: Destination | ModuleType) -> bool:
+    """Whether a destination module provides the :class:`RequestStatusChecker` functions."""
+    return callable(getattr(module, "build_status_request", None)) and callable(
+        getattr(module, "parse_status_response", None)
+    )
 
 
 def derive_event_id(lead_id: Any, stage: str) -> str:

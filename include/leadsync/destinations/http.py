@@ -32,19 +32,26 @@ class HttpClient:
         self.session.headers["User-Agent"] = "leadsync/0.1"
 
     def send(self, request: HttpRequest) -> HttpResponse:
-        """Sends the request; raises :class:`TransportError` when no response came back."""
+        """Sends the request; raises :class:`TransportError` when no response came back.
+
+        Headers from ``request.auth`` (access tokens) are minted now, per attempt, so a retry
+        after a long backoff never carries an expired token.
+        """
+        headers = request.headers
+        if request.auth is not None:
+            headers = {**headers, **request.auth()}
         try:
             resp = self.session.request(
                 request.method,
                 request.url,
                 json=request.body,
-                headers=request.headers,
+                headers=headers,
                 params=request.params or None,
                 timeout=self.timeout,
             )
         except requests.RequestException as exc:
-            # The exception text can hold the URL; our URLs carry no secrets (the Meta token
-            # travels in the body), but keep only the exception type to be safe.
+            # The exception text can hold the URL; our URLs carry no secrets (tokens travel in
+            # the body or headers), but keep only the exception type to be safe.
             raise TransportError(f"no response from {_host(request.url)}: "
                                  f"{type(exc).__name__}") from None
         return HttpResponse(resp.status_code, resp.text, dict(resp.headers))

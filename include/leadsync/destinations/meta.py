@@ -25,7 +25,7 @@ from leadsync.destinations.base import (
     SendResult,
     Skip,
 )
-from leadsync.identity import META_RULES, hash_identifiers
+from leadsync.identity import META_RULES, hash_identifiers_as_lists
 
 if TYPE_CHECKING:
     from leadsync.config import DestinationConfig
@@ -34,7 +34,8 @@ TYPE = "meta"
 DEFAULT_BASE_URL = "https://graph.facebook.com"
 DEFAULT_API_VERSION = "v25.0"
 # 1,000 events per request; one event older than 7 days fails the whole request.
-LIMITS = Limits(max_batch_events=1000, max_event_age=timedelta(days=7))
+LIMITS = Limits(max_batch_events=1000, max_event_age=timedelta(days=7),
+                dedup_window=timedelta(hours=48))
 
 _VERSION_RE = re.compile(r"^v\d+\.\d+$")
 _PIXEL_RE = re.compile(r"^\d{5,20}$")
@@ -47,6 +48,7 @@ _TRANSIENT_CODES = frozenset({1, 2, 4, 17, 32, 341, 368, 613, 5000, 21009, 80003
 _THROTTLE_CODES = frozenset({4, 17, 32, 613, 80003})
 _FATAL_CODES = frozenset({10, 102, 190, 200, 294})
 _MATCH_KEYS = ("em", "ph", "external_id", "lead_id", "fbc", "fbp", "fn", "ln")
+_MATCH_KEY_SET = frozenset(_MATCH_KEYS)
 
 
 @dataclass(frozen=True)
@@ -126,38 +128,44 @@ def build_event(
     event_id: str,
     event_time: datetime,
 ) -> dict[str, Any]:
-    """One ``data[]`` event; hashed fields are lists of hex strings, as the SDK sends them."""
-    user: dict[str, Any] = {
-        key: [value] for key, value in hash_identifiers(row, META_RULES).items()
-    }
-    ip = _raw(row, "client_ip")
-    if ip:
-        user["client_ip_address"] = ip
-    ua = _raw(row, "user_agent")
-    if ua:
-        user["client_user_agent"] = ua
-    fbc = _raw(row, "fbc")
-    if fbc and _FBC_RE.match(fbc):
-        user["fbc"] = fbc
-    fbp = _raw(row, "fbp")
-    if fbp and _FBC_RE.match(fbp):
-        user["fbp"] = fbp
-    lead_id = _raw(row, "meta_lead_id")
-    if lead_id and _LEAD_ID_RE.match(lead_id):
-        user["lead_id"] = lead_id  # raw: Meta matches its own lead id as is
+    """One ``data[]`` event; hashed fields are lists of hex strings, as the SDK sends them.
+
+    Runs for every row: the raw fields are read inline (same rules as :func:`_raw`: text,
+    trimmed, empty means absent) rather than through a call per column.
+    """
+    user: dict[str, Any] = hash_identifiers_as_lists(row, META_RULES)
+    get = row.get
+    value: Any = get("client_ip")
+    if value is not None and (text := str(value).strip()):
+        user["client_ip_address"] = text
+    value = get("user_agent")
+    if value is not None and (text := str(value).strip()):
+        user["client_user_agent"] = text
+    value = get("fbc")
+    if value is not None and (text := str(value).strip()) and _FBC_RE.match(text):
+        user["fbc"] = text
+    value = get("fbp")
+    if value is not None and (text := str(value).strip()) and _FBC_RE.match(text):
+        user["fbp"] = text
+    value = get("meta_lead_id")
+    if value is not None and (text := str(value).strip()) and _LEAD_ID_RE.match(text):
+        user["lead_id"] = text  # raw: Meta matches its own lead id as is
 
     custom: dict[str, Any] = {}
+    website = dest.shape == "website"
     if dest.shape == "crm":
         action_source = "system_generated"
         custom["event_source"] = "crm"
         custom["lead_event_source"] = dest.crm_name
     else:
         action_source = dest.action_source or "website"
-    value = _money(row.get("value"))
-    currency = _raw(row, "currency")
-    if value is not None and currency and _CURRENCY_RE.match(currency):
-        custom["value"] = value
-        custom["currency"] = currency.lower()
+    value = get("value")
+    if value is not None:
+        money = _money(value)
+        currency = _raw(row, "currency")
+        if money is not None and currency and _CURRENCY_RE.match(currency):
+            custom["value"] = money
+            custom["currency"] = currency.lower()
 
     event: dict[str, Any] = {
         "event_name": event_name,
@@ -166,12 +174,14 @@ def build_event(
         "action_source": action_source,
         "user_data": user,
     }
-    url = _raw(row, "event_source_url")
-    if url and dest.shape == "website":
-        event["event_source_url"] = url
+    if website:
+        url = _raw(row, "event_source_url")
+        if url:
+            event["event_source_url"] = url
     if custom:
         event["custom_data"] = custom
-    if row.get("limited_data_use") in (True, 1, "true", "t", "1"):
+    value = get("limited_data_use")
+    if value is not None and value in (True, 1, "true", "t", "1"):
         # Limited Data Use with geolocation done by Meta (country 0, state 0).
         event["data_processing_options"] = ["LDU"]
         event["data_processing_options_country"] = 0
@@ -182,7 +192,7 @@ def build_event(
 def check_event(event: Mapping[str, Any], dest: DestinationConfig) -> Skip | None:
     """Match keys and shape requirements that only the built event can tell."""
     user = event["user_data"]
-    if not any(k in user for k in _MATCH_KEYS) and not (
+    if user.keys().isdisjoint(_MATCH_KEY_SET) and not (
         "client_ip_address" in user and "client_user_agent" in user
     ):
         return Skip("no_match_keys")

@@ -1,8 +1,10 @@
 """Local platform sandbox: loopback emulators of the ad platforms' conversion APIs.
 
 Strict validation (a payload the sandbox accepts is one the platform would accept), dedup, a
-store of accepted events and fault injection, for tests and the local demo. Meta's Conversions
-API today (``meta.py``); TikTok and Google will be sibling modules.
+store of accepted events and fault injection, for tests and the local demo. One module per
+platform: Meta Conversions API (``meta.py``), TikTok Events API (``tiktok.py``), Google Data
+Manager API (``google_datamanager.py``) and Google Ads API click-conversion upload
+(``google_ads.py``), with the shared Google pieces in ``google_common.py``.
 
 Typical use::
 

@@ -1,8 +1,8 @@
 """The sandbox application: shared store, fault queue, control routes and the app factory.
 
 The sandbox is a loopback emulator of the ad platforms' conversion APIs. Each platform lives in a
-sibling module (``meta.py`` today; ``tiktok.py`` and ``google.py`` later) that exposes a
-:class:`PlatformSpec` named ``PLATFORM``; :func:`create_app` mounts every module listed in
+sibling module (``meta.py``, ``tiktok.py``, ``google_datamanager.py``, ``google_ads.py``) that
+exposes a :class:`PlatformSpec` named ``PLATFORM``; :func:`create_app` mounts every module listed in
 :data:`PLATFORM_MODULES`. The pieces shared by all platforms live here:
 
 * :class:`SandboxConfig`: tokens, ids, time limits and an injectable clock.
@@ -35,7 +35,12 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 #: Modules that define a platform emulator (each exposes ``PLATFORM: PlatformSpec``).
-PLATFORM_MODULES: tuple[str, ...] = ("leadsync.sandbox.meta",)
+PLATFORM_MODULES: tuple[str, ...] = (
+    "leadsync.sandbox.meta",
+    "leadsync.sandbox.tiktok",
+    "leadsync.sandbox.google_datamanager",
+    "leadsync.sandbox.google_ads",
+)
 
 _ONE_DAY = 24 * 3600
 
@@ -53,6 +58,18 @@ class SandboxConfig:
         max_age_seconds: How old an ``event_time`` may be (Meta: 7 days).
         dedup_window_seconds: How long an ``event_id`` deduplicates (Meta: 48 hours).
         clock: Returns "now" as Unix seconds; tests freeze or advance it.
+        tiktok_tokens: Access tokens the TikTok emulator accepts (``Access-Token`` header).
+        tiktok_event_sources: Event source ids it knows (CRM event sets and pixel codes).
+        google_tokens: Bearer tokens both Google emulators accept (no OAuth is emulated: the
+            connection carries one of these as a static ``access_token``).
+        google_customers: Google Ads accounts (10 digits) the token may operate.
+        google_managers: Manager accounts that may be the login account of those.
+        google_conversion_actions: Conversion action ids that exist in every customer.
+        google_ads_allowlisted: Customers still allowlisted for Google Ads API click
+            conversion upload (others get CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE).
+        google_max_age_seconds: How old a Google conversion may be (the click-through window).
+        datamanager_processing_seconds: How long a Data Manager request stays PROCESSING
+            before ``requestStatus:retrieve`` reports its outcome.
     """
 
     meta_tokens: set[str] = field(default_factory=lambda: {"sandbox-meta-token"})
@@ -62,6 +79,19 @@ class SandboxConfig:
     max_age_seconds: int = 7 * _ONE_DAY
     dedup_window_seconds: int = 2 * _ONE_DAY
     clock: Callable[[], float] = time.time
+    tiktok_tokens: set[str] = field(default_factory=lambda: {"sandbox-tiktok-token"})
+    tiktok_event_sources: set[str] = field(
+        default_factory=lambda: {"SANDBOXCRM00000000001", "SANDBOXPIXEL000000001"}
+    )
+    google_tokens: set[str] = field(default_factory=lambda: {"sandbox-google-token"})
+    google_customers: set[str] = field(default_factory=lambda: {"1234567890"})
+    google_managers: set[str] = field(default_factory=lambda: {"9876543210"})
+    google_conversion_actions: set[str] = field(
+        default_factory=lambda: {"1000000001", "1000000002", "1000000003", "1000000004"}
+    )
+    google_ads_allowlisted: set[str] | None = None  # None: every google_customers account
+    google_max_age_seconds: int = 90 * _ONE_DAY
+    datamanager_processing_seconds: float = 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,8 +431,58 @@ class ThrottleFault(FaultBase):
     )
 
 
+class TikTokErrorFault(FaultBase):
+    """Answer with a TikTok Business API envelope ``{"code", "message"}`` (before validation)."""
+
+    kind: Literal["tiktok_error"]
+    code: int = 40700
+    message: str | None = None
+    http_status: int = Field(default=200, ge=200, le=599, description="TikTok uses 200.")
+
+
+class GoogleErrorFault(FaultBase):
+    """Answer with a ``google.rpc.Status`` error (before validation), for both Google APIs.
+
+    ``reason`` is an ``ErrorInfo`` reason for Data Manager and a ``GoogleAdsError`` code such
+    as ``quotaError.RESOURCE_EXHAUSTED`` for the Google Ads API.
+    """
+
+    kind: Literal["google_error"]
+    http_status: int = Field(default=503, ge=400, le=599)
+    status: str = "UNAVAILABLE"
+    message: str | None = None
+    reason: str | None = None
+    retry_delay_s: float | None = Field(default=None, ge=0)
+
+
+class RejectEventsFault(FaultBase):
+    """Reject some events of a request the way the platform rejects a bad event.
+
+    Events are chosen by their dedup id (TikTok ``event_id``, Data Manager
+    ``transactionId``, Google Ads ``orderId``) or by index. Meta-like platforms (TikTok, Data
+    Manager) then reject the whole request naming those events; the Google Ads API fails
+    those rows only (partial failure). ``reason`` is the platform's error code.
+    """
+
+    kind: Literal["reject_events"]
+    event_ids: list[str] = Field(default_factory=list)
+    indices: list[int] = Field(default_factory=list)
+    reason: str | None = None
+
+    def matches(self, index: int, event_id: Any) -> bool:
+        """Whether the event at ``index`` with dedup id ``event_id`` is to be rejected."""
+        return index in self.indices or (event_id is not None and event_id in self.event_ids)
+
+
 Fault = Annotated[
-    GraphErrorFault | HttpFault | SlowFault | TimeoutAfterProcessingFault | ThrottleFault,
+    GraphErrorFault
+    | HttpFault
+    | SlowFault
+    | TimeoutAfterProcessingFault
+    | ThrottleFault
+    | TikTokErrorFault
+    | GoogleErrorFault
+    | RejectEventsFault,
     Field(discriminator="kind"),
 ]
 
@@ -580,6 +660,12 @@ def _control_router(state: SandboxState, specs: dict[str, PlatformSpec]) -> APIR
         state.store.reset()
         state.faults.clear()
         return {"status": "reset"}
+
+    @router.delete("/faults")
+    def clear_faults() -> dict[str, list[dict[str, Any]]]:
+        """Drops every queued fault (stored events are kept)."""
+        state.faults.clear()
+        return state.faults.snapshot()
 
     @router.get("/faults")
     def list_faults() -> dict[str, list[dict[str, Any]]]:

@@ -56,6 +56,7 @@ from leadsync.sandbox.app import (
     EventInput,
     GraphErrorFault,
     PlatformSpec,
+    RejectEventsFault,
     SandboxState,
     ThrottleFault,
     post_processing_delay,
@@ -746,6 +747,17 @@ async def handle_events(
             max_age=config.max_age_seconds,
             max_future=config.max_future_seconds,
         )
+        if isinstance(fault, RejectEventsFault):
+            # A "poison" event: Meta rejects the whole request for one invalid event.
+            for index, event in enumerate(events):
+                if fault.matches(index, event.get("event_id")):
+                    raise GraphError(
+                        "Invalid parameter",
+                        code=100,
+                        subcode=SUBCODE_INVALID_PARAMETER,
+                        title="Invalid Parameter",
+                        user_msg=f"data[{index}]: {fault.reason or 'rejected by the sandbox'}",
+                    )
     except GraphError as exc:
         store.count_request(PLATFORM_NAME, "rejected")
         response: Response = exc.response()
@@ -819,5 +831,5 @@ def build_routers(state: SandboxState) -> list[APIRouter]:
 PLATFORM = PlatformSpec(
     name=PLATFORM_NAME,
     build_routers=build_routers,
-    fault_kinds=frozenset({"graph_error", "throttle"}),
+    fault_kinds=frozenset({"graph_error", "throttle", "reject_events"}),
 )

@@ -1,0 +1,66 @@
+"""The benchmark code works end to end at a small size (correctness only, never speed)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from typing import Any
+
+import pytest
+
+from leadsync import bench
+from tests.conftest import IN_CI, PG_ADMIN_URL, require_postgres
+
+
+def _database_url() -> str:
+    """Postgres when it is reachable (required in CI), else SQLite files."""
+    if IN_CI:
+        require_postgres()
+        return PG_ADMIN_URL
+    try:
+        require_postgres()
+    except pytest.skip.Exception:
+        return "sqlite"
+    return PG_ADMIN_URL
+
+
+def test_quick_benchmark_passes_its_correctness_checks(capsys: pytest.CaptureFixture[str]) -> None:
+    args = argparse.Namespace(quick=True, events=0, e2e_rows="", skip_e2e=False,
+                              postgres_url=_database_url())
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "same events: OK (2,000 events each side" in out
+    assert "correctness OK: eligible 5,000, ledger delivered 5,000, sandbox unique 5,000" in out
+    assert "all correctness checks passed" in out
+
+
+def test_end_to_end_on_sqlite_delivers_every_eligible_row_once() -> None:
+    result = bench.run_e2e(3_000, "sqlite")
+    assert result.correct, result.problems
+    assert result.expected == result.delivered == result.sandbox_unique == 3_000
+    assert result.ledger["pending"] == result.ledger["failed"] == 0
+    assert result.peak_rss_kb > result.rss_start_kb > 0
+    assert result.phases.keys() >= {"stage", "push", "commit"}
+
+
+def test_build_benchmark_compares_the_same_events() -> None:
+    result = bench.run_build(1_500, repetitions=1, what_if=False, profile=False)
+    assert result.correct, result.problems
+    assert result.ours.events == result.sdk.events == 1_500
+    assert result.compared == 1_000  # the first request of each side, event by event
+
+
+def _event(event_id: str, em: str) -> dict[str, Any]:
+    return {"event_id": event_id, "event_name": "Lead", "event_time": 1,
+            "action_source": "system_generated", "user_data": {"em": [em], "ph": ["p"]}}
+
+
+def test_the_comparison_notices_differences() -> None:
+    ours = [_event("a", "x"), _event("b", "y")]
+    assert bench._compare(ours, copy.deepcopy(ours)) == []
+    other = copy.deepcopy(ours)
+    other[1]["user_data"]["em"] = ["z"]
+    assert bench._compare(ours, other) == ["b: em hashes differ"]
+    del other[1]["user_data"]["ph"]
+    assert "user_data keys differ" in bench._compare(ours, other)[0]
+    assert bench._compare(ours, ours[:1])[0].startswith("different events")
