@@ -30,8 +30,9 @@ lint: venv
 test: lint
 	$(BIN)/pytest
 
+# Benchmarks (figures vs a baseline in the same run); e.g. make bench BENCH_ARGS=--skip-e2e
 bench: venv
-	$(BIN)/leadsync bench
+	$(BIN)/leadsync bench $(BENCH_ARGS)
 
 # 1,000+ random crash/fault schedules; prints the tally (lost, double-counted, time).
 soak: venv

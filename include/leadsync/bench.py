@@ -545,6 +545,8 @@ class E2EResult:
     phases: dict[str, float] = field(default_factory=dict)
     http_s: float = 0.0  # wall time waiting for the sandbox's responses
     source_s: float = 0.0  # wall time reading the warehouse (cursor fetches, parsing rows)
+    gc_s: float = 0.0  # time in the cyclic garbage collector
+    gc_full: int = 0  # full (generation 2) collections
     sql_top: list[tuple[str, int, float]] = field(default_factory=list)
     requests: int = 0
     sandbox_cpu_s: float = 0.0
@@ -770,6 +772,8 @@ def _run_child(work: Path, spec: dict[str, Any], result: E2EResult) -> dict[str,
     result.phases = child["phases"]
     result.http_s = child["http_s"]
     result.source_s = child["source_s"]
+    result.gc_s = child["gc_s"]
+    result.gc_full = child["gc_full"]
     result.sql_top = [(str(label), int(n), float(t)) for label, n, t in child["sql_top"]]
     result.requests = child["requests"]
     result.rss_start_kb = child["rss_start_kb"]
@@ -924,6 +928,16 @@ def _child_main(spec_json: str, out_path: str) -> int:
 
     HttpClient.send = timed_send  # type: ignore[method-assign]
     Source.stream = timed_stream  # type: ignore[method-assign]
+    collecting: dict[str, float] = {"s": 0.0, "since": 0.0, "full": 0.0}
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:  # time in cyclic GC pauses
+        if phase == "start":
+            collecting["since"] = time.perf_counter()
+        else:
+            collecting["s"] += time.perf_counter() - collecting["since"]
+            collecting["full"] += info.get("generation") == 2
+
+    gc.callbacks.append(on_gc)
     postgres_before = _postgres_cpu(state.engine)
     started = time.perf_counter()
     summary = pipeline.run()
@@ -932,6 +946,7 @@ def _child_main(spec_json: str, out_path: str) -> int:
     Path(out_path).write_text(json.dumps({
         "summary": summary, "run_s": run_s, "phases": phases, "http_s": waits["http"],
         "requests": int(waits["requests"]), "source_s": waits["source"],
+        "gc_s": collecting["s"], "gc_full": int(collecting["full"]),
         "sql_top": sql.top(), "rss_start_kb": rss_start, "rss_after": rss_after,
         "postgres_cpu_s": None if postgres_after is None or postgres_before is None
         else postgres_after - postgres_before,
@@ -975,7 +990,8 @@ def print_e2e(results: Sequence[E2EResult]) -> None:
         print(f"      CPU: pipeline {r.child_cpu_s:.1f} s, sandbox {r.sandbox_cpu_s:.1f} s, "
               f"Postgres backends {postgres}; waiting for the sandbox {r.http_s:.1f} s "
               f"({r.http_s / r.run_s:.0%} of the run, {r.requests} requests), reading the "
-              f"warehouse {r.source_s:.1f} s")
+              f"warehouse {r.source_s:.1f} s, garbage collector {r.gc_s:.1f} s "
+              f"({r.gc_full} full collections)")
         top = "; ".join(f"{label} x{n} {t:.1f} s" for label, n, t in r.sql_top[:4])
         print(f"      SQL time by statement: {top}")
         cursor = {True: "yes", False: "NO", None: "n/a"}[r.server_side_cursor]

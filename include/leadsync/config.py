@@ -270,6 +270,8 @@ class ContractConfig(_Strict):
     data_docs: bool = True
     # Where the HTML Data Docs go: default $LEADSYNC_HOME/data_docs; relative = under it.
     data_docs_dir: str | None = None
+    # Runs kept in the Data Docs per destination (older pages are deleted).
+    data_docs_keep: int = Field(default=100, ge=1)
 
     @field_validator("known_stages")
     @classmethod

@@ -275,13 +275,14 @@ class Pipeline:
         source = self._source()
         window = self._window(run)
         spec = quality.ContractSpec.from_config(self.config, self.dest)
-        session = quality.ContractSession(spec, run_id, self.clock())
         aborted: str | None = None
         with self.state.heartbeat(self.dest.name, run_id, self.config.state.lease_ttl):
+            # Importing great_expectations takes seconds: keep the lease alive meanwhile.
+            session = quality.ContractSession(spec, run_id, self.clock())
             if session.check_columns(quality.source_columns(self.warehouse, source.query)):
                 aborted = self._check_rows(run_id, session, source, window,
                                            run["watermark_before"])
-        report = session.finish(aborted=aborted)
+            report = session.finish(aborted=aborted)
         counts = {"checked": report.rows, "quarantined": sum(report.quarantined.values()),
                   **{f"quarantined.{rule}": n for rule, n in report.quarantined.items()}}
         if report.outside_window_rows:

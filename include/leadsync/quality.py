@@ -273,7 +273,6 @@ class Check:
     detail: str  # what a quarantine entry says (fixed text, never a value)
     expectation: str  # GX expectation class name
     kwargs: Mapping[str, Any]
-    when_present: str | None = None  # row_condition: only rows where this column is not null
 
     @property
     def label(self) -> str:
@@ -283,8 +282,6 @@ class Check:
             if isinstance(value, list | tuple | set | frozenset):
                 value = f"<{len(value)} values>"
             parts.append(f"{key}={value}")
-        if self.when_present:
-            parts.append(f"when {self.when_present} is not null")
         snake = re.sub(r"(?<!^)(?=[A-Z])", "_", self.expectation).lower()
         return f"{snake}({', '.join(parts)})"
 
@@ -304,6 +301,7 @@ class ContractSpec:
     max_quarantined_rows: int = 10_000
     batch_rows: int = 50_000
     data_docs_dir: Path | None = None
+    data_docs_keep: int = 100
 
     @classmethod
     def from_config(cls, config: Config, dest: DestinationConfig, *,
@@ -325,6 +323,7 @@ class ContractSpec:
             max_quarantined_rows=contract.max_quarantined_rows,
             batch_rows=contract.batch_rows,
             data_docs_dir=contract.data_docs_path() if docs else None,
+            data_docs_keep=contract.data_docs_keep,
         )
 
     @property
@@ -358,10 +357,10 @@ class ContractSpec:
                                                   "value_set": ["int", "str"]}),
             Check("bad_type", "stage is not text", "ExpectColumnValuesToBeInSet",
                   {"column": "stage_type", "value_set": ["str"]}),
-            Check("bad_type", "event_time is not a timestamp", "ExpectColumnValuesToNotBeNull",
-                  {"column": "event_time_parsed"}, when_present="event_time"),
-            Check("bad_type", "updated_at is not a timestamp", "ExpectColumnValuesToNotBeNull",
-                  {"column": "updated_at_parsed"}, when_present="updated_at"),
+            Check("bad_type", "event_time is not a timestamp", "ExpectColumnValuesToBeInSet",
+                  {"column": "event_time_type", "value_set": ["timestamp"]}),
+            Check("bad_type", "updated_at is not a timestamp", "ExpectColumnValuesToBeInSet",
+                  {"column": "updated_at_type", "value_set": ["timestamp"]}),
             Check("bad_lead_id", f"lead_id is longer than {MAX_ID_LENGTH} characters",
                   "ExpectColumnValueLengthsToBeBetween",
                   {"column": "lead_id_text", "max_value": MAX_ID_LENGTH}),
@@ -380,16 +379,14 @@ class ContractSpec:
             Check("event_after_updated_at", f"event_time is more than {ahead} after updated_at",
                   "ExpectColumnValuesToBeBetween",
                   {"column": "event_time_seconds_after_updated_at", "max_value": tol}),
-            Check("bad_value", "value is not a number", "ExpectColumnValuesToNotBeNull",
-                  {"column": "value_number"}, when_present="value"),
+            Check("bad_value", "value is not a number", "ExpectColumnValuesToBeInSet",
+                  {"column": "value_type", "value_set": ["number"]}),
             Check("bad_value", "value is negative or not finite", "ExpectColumnValuesToBeBetween",
                   {"column": "value_number", "min_value": 0, "max_value": _MAX_VALUE}),
-            Check("bad_currency", "currency is not an ISO-4217 code",
+            # A value without a currency reads as currency "(none)": not a code either.
+            Check("bad_currency", "currency is missing for a value, or not an ISO-4217 code",
                   "ExpectColumnValuesToBeInSet",
                   {"column": "currency_code", "value_set": sorted(ISO_4217)}),
-            Check("bad_currency", "value given without a currency",
-                  "ExpectColumnValuesToNotBeNull", {"column": "currency_code"},
-                  when_present="value_number"),
             Check("bad_country", "country is not an ISO-3166-1 alpha-2 code",
                   "ExpectColumnValuesToBeInSet",
                   {"column": "country_code", "value_set": sorted(ISO_3166_ALPHA2)}),
@@ -420,19 +417,33 @@ def match_key_groups(destination_type: str) -> tuple[tuple[str, ...], ...]:
 # -- projection: the batch as the suite sees it --------------------------------------------------
 
 _OBJECT_COLUMNS = ("lead_id", "lead_id_type", "lead_id_text", "stage", "stage_type",
-                   "stage_name", "event_time", "updated_at", "value", "currency_code",
-                   "country_code", "email")
-_FLOAT_COLUMNS = ("event_time_parsed", "updated_at_parsed", "event_time_seconds_ahead_of_now",
-                  "event_time_seconds_after_updated_at", "value_number")
+                   "stage_name", "event_time", "event_time_type", "updated_at",
+                   "updated_at_type", "value", "value_type", "currency_code", "country_code",
+                   "email")
+_FLOAT_COLUMNS = ("event_time_seconds_ahead_of_now", "event_time_seconds_after_updated_at",
+                  "value_number")
 _INT_COLUMNS = ("rows_with_same_lead_stage", "match_keys_present")
 
 
+def _type_name(value: Any) -> str | None:
+    return None if value is None else value.__class__.__name__
+
+
+def _timestamp_type(value: Any, epoch: float) -> str | None:
+    """"timestamp" when usable, else the Python type of what is there (None when absent)."""
+    if value is None:
+        return None
+    return "timestamp" if epoch == epoch else value.__class__.__name__  # NaN != NaN
+
+
 class _Projection:
-    """Rows projected onto the columns the rules read, as they arrive.
+    """Rows projected onto the columns the rules read, chunk by chunk as they arrive.
 
     Raw identifiers other than the email are not kept: a row's match keys become one number
-    (0 or 1: is any of the destination's match-key groups present). This loop runs for every
-    row of every window, so it is written for speed rather than elegance.
+    (0 or 1: is any of the destination's match-key groups present). Types become their names,
+    so that GX judges them with ``in_set`` (its ``in_type_list`` breaks on object columns that
+    mix, say, dicts and booleans). This runs for every row of every window: it is written
+    column by column, for speed.
     """
 
     def __init__(self, spec: ContractSpec, now: datetime) -> None:
@@ -452,50 +463,66 @@ class _Projection:
         lead_id, stage = self.ids[i]
         return _key_text(lead_id, MAX_ID_LENGTH), _key_text(stage, MAX_STAGE_LENGTH)
 
-    def add(self, row: Mapping[str, Any], same_key_rows: int, cursor: datetime | None,
-            position: int) -> None:
+    def extend(self, rows: Sequence[Mapping[str, Any]], same_key_rows: Sequence[int],
+               cursors: Sequence[datetime | None], start: int, new: Sequence[bool]) -> None:
+        """Projects ``rows`` (one source chunk at most: they are read column by column)."""
         c = self.cols
+        now_ts = self.now_ts
+        raw_leads = [r.get("lead_id") for r in rows]
+        raw_stages = [r.get("stage") for r in rows]
+        leads = [_present(v) for v in raw_leads]
+        stages = [_present(v) for v in raw_stages]
+        events = [_present(r.get("event_time")) for r in rows]
+        updates = [_present(r.get("updated_at")) for r in rows]
+        event_ts = [_epoch(v) for v in events]
+        updated_ts = [_epoch(v) for v in updates]
+        values = [_present(r.get("value")) for r in rows]
+        numbers = [math.nan if v is None else _number(v) for v in values]
+        self.ids.extend(zip(raw_leads, raw_stages, strict=True))
+        self.cursors.extend(cursors)
+        self.positions.extend(range(start, start + len(rows)))
+        self.new.extend(new)
+        c["lead_id"].extend(leads)
+        c["lead_id_type"].extend(_type_name(v) for v in leads)
+        c["lead_id_text"].extend(v if v.__class__ is str or v is None else str(v) for v in leads)
+        c["stage"].extend(stages)
+        c["stage_type"].extend(_type_name(v) for v in stages)
+        c["stage_name"].extend(v.strip() if v.__class__ is str else None for v in stages)
+        c["event_time"].extend(events)
+        c["event_time_type"].extend(map(_timestamp_type, events, event_ts))
+        c["updated_at"].extend(updates)
+        c["updated_at_type"].extend(map(_timestamp_type, updates, updated_ts))
+        c["event_time_seconds_ahead_of_now"].extend(e - now_ts for e in event_ts)
+        c["event_time_seconds_after_updated_at"].extend(
+            e - u for e, u in zip(event_ts, updated_ts, strict=True))
+        c["rows_with_same_lead_stage"].extend(same_key_rows)
+        c["value"].extend(values)
+        c["value_number"].extend(numbers)
+        c["value_type"].extend(
+            None if v is None else "number" if n == n else v.__class__.__name__
+            for v, n in zip(values, numbers, strict=True))
+        currencies = [_present(r.get("currency")) for r in rows]
+        c["currency_code"].extend(
+            str(cur).strip().upper() if cur is not None else "(none)" if n == n else None
+            for cur, n in zip(currencies, numbers, strict=True))
+        c["country_code"].extend(
+            None if v is None else str(v).strip().upper()
+            for v in (_present(r.get("country")) for r in rows))
+        c["email"].extend(
+            v if v is None or v.__class__ is str else str(v)
+            for v in (_present(r.get("email")) for r in rows))
+        c["match_keys_present"].extend(self._has_match_key(r) for r in rows)
+
+    def _has_match_key(self, row: Mapping[str, Any]) -> int:
         get = row.get
-        raw_lead, raw_stage = get("lead_id"), get("stage")
-        lead_id, stage = _present(raw_lead), _present(raw_stage)
-        raw_event, raw_updated = _present(get("event_time")), _present(get("updated_at"))
-        event_ts, updated_ts = _epoch(raw_event), _epoch(raw_updated)
-        value = _present(get("value"))
-        currency = _present(get("currency"))
-        country = _present(get("country"))
-        email = _present(get("email"))
-        self.ids.append((raw_lead, raw_stage))
-        self.cursors.append(cursor)
-        self.positions.append(position)
-        c["lead_id"].append(lead_id)
-        c["lead_id_type"].append(None if lead_id is None else lead_id.__class__.__name__)
-        c["lead_id_text"].append(lead_id if lead_id.__class__ is str else (
-            None if lead_id is None else str(lead_id)))
-        c["stage"].append(stage)
-        c["stage_type"].append(None if stage is None else stage.__class__.__name__)
-        c["stage_name"].append(stage.strip() if stage.__class__ is str else None)
-        c["event_time"].append(raw_event)
-        c["updated_at"].append(raw_updated)
-        c["event_time_parsed"].append(event_ts)
-        c["updated_at_parsed"].append(updated_ts)
-        c["event_time_seconds_ahead_of_now"].append(event_ts - self.now_ts)
-        c["event_time_seconds_after_updated_at"].append(event_ts - updated_ts)
-        c["rows_with_same_lead_stage"].append(same_key_rows)
-        c["value"].append(value)
-        c["value_number"].append(math.nan if value is None else _number(value))
-        c["currency_code"].append(None if currency is None else str(currency).strip().upper())
-        c["country_code"].append(None if country is None else str(country).strip().upper())
-        c["email"].append(email if email is None or email.__class__ is str else str(email))
-        present = 0
         for group in self.groups:
             for column in group:
                 v = get(column)
                 if v is None or (v.__class__ is str and not v.strip()):
                     break
             else:
-                present = 1
-                break
-        c["match_keys_present"].append(present)
+                return 1
+        return 0
 
     def frame(self) -> pd.DataFrame:
         import pandas as pd
@@ -544,8 +571,10 @@ def import_gx() -> Any:
 def _gx_context(docs_dir: Path | None) -> Any:
     """One ephemeral GX context per process and Data Docs directory.
 
-    Suites live in memory; validation results (counts only) are kept in a hidden directory
-    next to the HTML so that the Data Docs index lists every run, not only this process's.
+    Without Data Docs everything lives in memory. With them, the suites and the validation
+    results (counts only) are kept in hidden directories next to the HTML (``.suites``,
+    ``.results``), so that the index lists every destination and every kept run, not only
+    this process's.
     """
     key = str(docs_dir or "")
     with _GX_LOCK:
@@ -562,21 +591,25 @@ def _gx_context(docs_dir: Path | None) -> Any:
         stores = dict(defaults.stores)
         sites: dict[str, Any] = {}
         if docs_dir is not None:
+            # The index lists (and keeps the pages of) what these stores hold: on disk, so
+            # that every destination's suite and every kept run stay in the Data Docs.
             stores[defaults.validation_results_store_name] = {
                 "class_name": "ValidationResultsStore",
                 "store_backend": {"class_name": "TupleFilesystemStoreBackend",
                                   "base_directory": str(docs_dir / ".results")},
+            }
+            stores[defaults.expectations_store_name] = {
+                "class_name": "ExpectationsStore",
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                                  "base_directory": str(docs_dir / ".suites")},
             }
             sites["leadsync"] = {
                 "class_name": "SiteBuilder",
                 "show_how_to_buttons": False,
                 "store_backend": {"class_name": "TupleFilesystemStoreBackend",
                                   "base_directory": str(docs_dir)},
-                # Suites live in memory, one process per run: keep the pages other runs
-                # and destinations wrote instead of cleaning them as "missing".
                 "site_index_builder": {"class_name": "DefaultSiteIndexBuilder",
-                                       "show_cta_footer": False,
-                                       "skip_and_clean_missing": False},
+                                       "show_cta_footer": False},
             }
         config = DataContextConfig(
             stores=stores,
@@ -600,7 +633,6 @@ class _Suite:
     def __init__(self, spec: ContractSpec) -> None:
         gx = import_gx()
         import great_expectations.expectations as gxe
-        from great_expectations.expectations.row_conditions import Column
 
         self.context = _gx_context(spec.data_docs_dir)
         self.template: Any = None  # the last GX result (its meta is reused in the Data Docs)
@@ -611,8 +643,6 @@ class _Suite:
             out = []
             for i, check in enumerate(checks, start=offset):
                 kwargs: dict[str, Any] = dict(check.kwargs)
-                if check.when_present:
-                    kwargs["row_condition"] = Column(check.when_present).is_not_null()
                 kwargs["meta"] = {"rule": check.rule, "check": i, "detail": check.detail}
                 out.append(getattr(gxe, check.expectation)(**kwargs))
             return out
@@ -844,12 +874,20 @@ class ContractSession:
         if outside_window != self._batch_outside and len(self._batch):
             failures += self.flush()
         self._batch_outside = outside_window
-        for row in rows:
-            cursor = row.get("_cursor")
-            self._batch.add(row, same_key_rows(row) if same_key_rows else 1,
-                            getattr(cursor, "ts", None), self._position)
-            self._batch.new.append(not outside_window and (is_new is None or is_new(row)))
-            self._position += 1
+        rows = rows if isinstance(rows, Sequence) else list(rows)
+        done = 0
+        while done < len(rows):
+            room = self.spec.batch_rows - len(self._batch)
+            part = rows[done:done + room]
+            self._batch.extend(
+                part,
+                [same_key_rows(r) for r in part] if same_key_rows else [1] * len(part),
+                [getattr(r.get("_cursor"), "ts", None) for r in part],
+                self._position,
+                [False] * len(part) if outside_window else
+                [True] * len(part) if is_new is None else [is_new(r) for r in part])
+            self._position += len(part)
+            done += len(part)
             if len(self._batch) >= self.spec.batch_rows:
                 failures += self.flush()
         return failures
@@ -1012,6 +1050,8 @@ class ContractSession:
             run_id=run, batch_identifier=f"{self.spec.destination}_window")
         with _GX_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            _prune_docs(self.spec.data_docs_dir, self.spec.suite_name,
+                        self.spec.data_docs_keep - 1)
             context.validation_results_store.set(key, suite_result)
             context.build_data_docs(site_names=["leadsync"], resource_identifiers=[
                 key, ExpectationSuiteIdentifier(name=self.spec.suite_name)])
@@ -1022,6 +1062,30 @@ class ContractSession:
 
 class _Empty:
     meta: Mapping[str, Any] = {}
+
+
+def _prune_docs(docs_dir: Path | None, suite: str, keep: int) -> None:
+    """Keeps the ``keep`` newest runs of a suite in the Data Docs (result JSON and HTML page).
+
+    The index is rebuilt from every stored result on each run, so an unbounded history would
+    make each run slower than the last. Paths follow GX's filesystem store layout:
+    ``<suite>/<run name>/<run time>/<batch>.json`` under ``.results`` and ``.html`` under
+    ``validations``.
+    """
+    if docs_dir is None:
+        return
+    results = docs_dir / ".results" / suite
+    found = sorted(results.glob("*/*/*.json"), key=lambda p: (p.parent.name, str(p)))
+    for old in found[:max(len(found) - keep, 0)]:
+        relative = old.relative_to(docs_dir / ".results")
+        page = (docs_dir / "validations" / relative).with_suffix(".html")
+        for path in (old, page):
+            path.unlink(missing_ok=True)
+            for parent in (path.parent, path.parent.parent):
+                try:
+                    parent.rmdir()  # only when empty
+                except OSError:
+                    break
 
 
 def _safe_name(run_id: str) -> str:

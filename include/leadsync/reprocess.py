@@ -26,7 +26,8 @@ from typing import Any
 
 from sqlalchemy import select, text
 
-from leadsync.pipeline import Pipeline, Rejected, plan_row
+from leadsync import quality
+from leadsync.pipeline import Pipeline, Planned, Rejected, plan_row
 from leadsync.source import to_utc
 from leadsync.state import FAILED, PENDING, Cursor, LedgerRecord, ledger
 
@@ -267,8 +268,17 @@ class Reprocessor:
             records.clear()
 
         dedup_window = module.LIMITS.dedup_window
+        contract = pipeline.config.contract.enabled
         for chunk in _chunks(self.select(req), 500):
-            plans = [(row, plan_row(row, self.dest, module, now)) for row in chunk]
+            # The same data contract as a normal run (run in memory, like render): a row it
+            # rejects is not resent, whatever it was before.
+            verdicts = (quality.check_rows(chunk, pipeline.config, self.dest, now)
+                        if contract else [None] * len(chunk))
+            plans: list[tuple[dict[str, Any], Planned | Rejected]] = [
+                (row, Rejected(v.rule, "quarantined", v.detail) if v is not None
+                 else plan_row(row, self.dest, module, now))
+                for row, v in zip(chunk, verdicts, strict=True)
+            ]
             known = self._delivered_at([p.event_id for _, p in plans if p.event_id])
             for row, plan in plans:
                 counts["read"] += 1

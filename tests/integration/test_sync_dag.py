@@ -210,7 +210,7 @@ def test_no_raw_pii_in_logs_xcom_or_state(backend: Backend, home: Path,
         for table in insp.get_table_names():
             if not table.startswith("ls_"):
                 continue
-            rows = conn.execute(text(f"SELECT * FROM {table}")).fetchall()  # noqa: S608
+            rows = conn.execute(text(f"SELECT * FROM {table}")).fetchall()
             haystacks[table] = "\n".join(str(tuple(r)) for r in rows)
 
     leaks = [(where, value) for where, text_ in haystacks.items() for value in pii

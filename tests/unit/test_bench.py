@@ -64,3 +64,25 @@ def test_the_comparison_notices_differences() -> None:
     del other[1]["user_data"]["ph"]
     assert "user_data keys differ" in bench._compare(ours, other)[0]
     assert bench._compare(ours, ours[:1])[0].startswith("different events")
+
+
+def test_hash_identifiers_as_lists_is_hash_identifiers_in_lists() -> None:
+    # The speed-up meta.build_event relies on (see identity.hash_identifiers_as_lists).
+    from datetime import UTC, datetime
+
+    from leadsync.demo_data import generate_funnel
+    from leadsync.identity import (
+        GOOGLE_RULES,
+        META_RULES,
+        TIKTOK_RULES,
+        hash_identifiers,
+        hash_identifiers_as_lists,
+    )
+
+    rows = list(generate_funnel(2_000, datetime(2025, 6, 2, tzinfo=UTC), seed=5))
+    rows += [{"email": 1.5, "phone": 16505551212, "country": ["us"], "gender": True}, {}]
+    for rules in (META_RULES, TIKTOK_RULES, GOOGLE_RULES):
+        for row in rows:
+            flat = hash_identifiers(row, rules)
+            assert hash_identifiers_as_lists(row, rules) == {k: [v] for k, v in flat.items()}
+            assert list(hash_identifiers_as_lists(row, rules)) == list(flat)

@@ -329,6 +329,39 @@ def test_data_docs_are_written_without_values(tmp_path: Path) -> None:
     assert "leadsync_meta_contract" in page
 
 
+def test_data_docs_keep_the_newest_runs(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    spec = ContractSpec.from_config(make_config(data_docs_keep=2), DEST)
+    spec = ContractSpec(**{**spec.__dict__, "data_docs_dir": docs})
+    pages = []
+    for i in range(4):
+        s = ContractSession(spec, f"run-{i}", NOW + timedelta(minutes=i))
+        assert s.check_columns(COLUMNS)
+        s.add([good(f"K-{i}")])
+        pages.append(s.finish().data_docs)
+    kept = sorted(p.name for p in (docs / "validations").rglob("*.html"))
+    assert len(kept) == 2 and len(list((docs / ".results").rglob("*.json"))) == 2
+    assert Path(pages[-1]).is_file() and not Path(pages[0]).exists()
+    index = (docs / "index.html").read_text()
+    assert "run-3" in index and "run-0" not in index
+
+
+def test_data_docs_keep_every_destination(tmp_path: Path) -> None:
+    config = parse_config({"destinations": [
+        {"name": name, "type": "meta", "crm_name": "X", "stages": {"won": "Converted"}}
+        for name in ("meta", "meta_eu")]})
+    for name in ("meta", "meta_eu"):
+        spec = ContractSpec.from_config(config, config.destination(name))
+        s = ContractSession(ContractSpec(**{**spec.__dict__, "data_docs_dir": tmp_path}),
+                            f"run-{name}", NOW)
+        assert s.check_columns(COLUMNS)
+        s.add([good("K")])
+        assert s.finish().data_docs
+        quality._GX_CONTEXTS.clear()  # each Airflow task is a process of its own
+    pages = sorted(p.name for p in (tmp_path / "expectations").glob("*.html"))
+    assert pages == ["leadsync_meta_contract.html", "leadsync_meta_eu_contract.html"]
+
+
 # -- render: the same contract, reasons are rule codes --------------------------------------------
 
 
