@@ -395,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--e2e-rows", default="100000,1000000",
                        help="comma-separated row counts for the end-to-end benchmark (b)")
     bench.add_argument("--skip-e2e", action="store_true")
+    bench.add_argument("--quick", action="store_true",
+                       help="small sizes (2,000 events, 5,000 rows): proves it runs")
     bench.add_argument("--postgres-url", default=os.environ.get(
         "LEADSYNC_BENCH_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"))
     bench.set_defaults(func=cmd_bench)

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Engine
 
@@ -25,7 +25,7 @@ from leadsync.destinations import get_destination
 from leadsync.destinations.base import Destination, HttpRequest, Skip, derive_event_id
 from leadsync.destinations.http import HttpClient
 from leadsync.faults import crash_point
-from leadsync.source import Source, Window, plan_window, to_utc
+from leadsync.source import Source, Window, plan_window
 from leadsync.state import (
     DELIVERED,
     EXPIRED,
@@ -51,9 +51,8 @@ RUN_CONTRACT_FAILED = "contract_failed"
 RUN_CHECK_FAILED = "check_failed"
 
 
-@dataclass(frozen=True)
-class Planned:
-    """A row that becomes an event: its outbox envelope."""
+class Planned(NamedTuple):
+    """A row that becomes an event: its outbox envelope (a tuple: one is built per row)."""
 
     event_id: str
     event_name: str
@@ -89,16 +88,14 @@ def plan_row(
     row: Mapping[str, Any], dest: DestinationConfig, module: Destination, now: datetime
 ) -> Planned | Rejected:
     """Decides what one source row becomes for one destination (pure: render uses it too)."""
-    problem = quality.check_row(row, now, dest.future_tolerance)
-    if problem:
-        return Rejected(problem[0], "quarantined", problem[1])
+    event_time = quality.guard_row(row, now, dest.future_tolerance)
+    if isinstance(event_time, tuple):
+        return Rejected(event_time[0], "quarantined", event_time[1])
     stage = str(row["stage"]).strip()
     event_name = dest.stages.get(stage)
     if event_name is None:
         return Rejected("stage_not_mapped", SKIPPED)
     event_id = row_event_id(row)
-    event_time = to_utc(row["event_time"])
-    assert event_time is not None  # checked by the contract
     skip = module.check_row(row, dest)
     if skip is None:
         max_age = dest.max_event_age or module.LIMITS.max_event_age
@@ -384,6 +381,8 @@ class Pipeline:
             counts["staged"] += len(buf.envelopes)
             counts["batches"] += 1
             buf.envelopes, buf.records, buf.ids, buf.prev = [], [], set(), None
+            if seq % 50 == 0:
+                self.state.analyze()  # a backfill outgrows the planner's statistics
             crash_point("after_stage_batch")
 
         with self.state.heartbeat(self.dest.name, run_id, self.config.state.lease_ttl):
@@ -460,6 +459,8 @@ class Pipeline:
                 crash_point("after_stage_chunk")
             flush()
         crash_point("after_stage")
+        if counts["batches"]:
+            self.state.analyze()
         self.state.update_run(run_id, self.dest.name, counts=counts, window_max=last)
         batch_ids = self.state.pending_batch_ids(self.dest.name)
         log.info("staged %s: %s; %d batch(es) to push", self.dest.name, dict(counts),

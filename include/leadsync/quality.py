@@ -39,6 +39,7 @@ never when a DAG file is parsed.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -148,6 +149,7 @@ TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW
 # whitespace is what normalisation strips anyway).
 EMAIL_REGEX = r"^\s*[^@\s]+@[^@\s.]+(?:\.[^@\s.]+)+\s*$"
 _CONTROL_REGEX = r"[\x00-\x1f\x7f]"
+_CONTROL_SEARCH = re.compile(_CONTROL_REGEX).search
 
 
 # -- pure helpers (shared by the suite's projection and the stage step's guard) ----------------
@@ -227,6 +229,15 @@ def check_row(
     Covers what planning needs to be safe (ids, stage, event_time); the full contract is the
     GX suite, which the check step runs before stage. Same codes and precedence as the suite.
     """
+    verdict = guard_row(row, now, future_tolerance)
+    return verdict if isinstance(verdict, tuple) else None
+
+
+def guard_row(
+    row: Mapping[str, Any], now: datetime, future_tolerance: timedelta = timedelta(seconds=60)
+) -> tuple[str, str] | datetime:
+    """:func:`check_row`, returning the parsed event_time when the row passes (so planning
+    does not parse it twice: this runs once per row of every run)."""
     lead_id = _present(row.get("lead_id"))
     stage = _present(row.get("stage"))
     raw_time = _present(row.get("event_time"))
@@ -246,12 +257,12 @@ def check_row(
     text = str(lead_id)
     if len(text) > MAX_ID_LENGTH:
         return "bad_lead_id", f"lead_id is longer than {MAX_ID_LENGTH} characters"
-    if re.search(_CONTROL_REGEX, text):
+    if _CONTROL_SEARCH(text):
         return "bad_lead_id", "lead_id contains control characters"
-    if (event_time - now).total_seconds() > future_tolerance.total_seconds():
+    if event_time - now > future_tolerance:
         return "future_event_time", f"event_time is more than {_duration(future_tolerance)} " \
                                     "in the future"
-    return None
+    return event_time
 
 
 def _duration(delta: timedelta) -> str:
@@ -565,6 +576,10 @@ def import_gx() -> Any:
     # of the check's time on 20k rows. Turning it off changes no result. (GX is pinned.)
     if hasattr(pandas_execution_engine, "HASH_THRESHOLD"):
         pandas_execution_engine.HASH_THRESHOLD = 0
+    # GX and pandas leave a large heap of long-lived objects; every full garbage collection
+    # would walk it again (measured: ~20 % of a 1M-row run's CPU). Park them for good.
+    gc.collect()
+    gc.freeze()
     return gx
 
 

