@@ -36,6 +36,9 @@
     code). Memory must stay flat: the RSS ratio of the largest to the smallest run is printed.
     Scratch databases and files are removed afterwards.
 
+(c) Per platform: the same rows planned and encoded for each configured destination (Meta,
+    TikTok, Google), events/s each, and all three planned from one pass over the rows.
+
 ``--quick`` (tests): 2,000 events and 5,000 end-to-end rows; a ``postgres_url`` that starts with
 ``sqlite`` runs the end-to-end part on SQLite files instead.
 """
@@ -1031,6 +1034,7 @@ def main(args: argparse.Namespace) -> int:
     build = run_build(events)
     print_build(build)
     ok = ok and build.correct
+    print_platforms(run_platforms(max(1_000, events // 4)))
     if not args.skip_e2e:
         url = str(args.postgres_url)
         where = "SQLite files" if url.startswith("sqlite") else "scratch Postgres databases"
@@ -1051,6 +1055,73 @@ def main(args: argparse.Namespace) -> int:
     print(f"total {time.perf_counter() - started:.0f} s; "
           f"{'all correctness checks passed' if ok else 'CORRECTNESS CHECKS FAILED'}")
     return 0 if ok else 1
+
+
+def run_platforms(n: int) -> dict[str, tuple[int, float]]:
+    """(c) Per platform: rows → planned events → request bodies encoded as sent, on CPU
+    time, best of 3; then the three destinations planned from one pass over the same rows.
+
+    Returns ``{name: (events, seconds)}``, with ``"all three, one pass"`` last.
+    """
+    from leadsync import demo_data
+    from leadsync.cli import sandbox_credentials
+    from leadsync.config import get_config
+    from leadsync.destinations import get_destination
+    from leadsync.destinations.http import encode_json
+    from leadsync.pipeline import Planned, plan_row
+
+    now = datetime.now(UTC)
+    rows = list(demo_data.generate_rows_fast(n, now, seed=3))
+    dests = [d for d in get_config().destinations if d.enabled]
+    setups = []
+    for dest in dests:
+        module = get_destination(dest.type)
+        size = min(dest.batch_size or module.LIMITS.max_batch_events,
+                   module.LIMITS.max_batch_events)
+        setups.append((dest, module, size, sandbox_credentials(dest, "http://127.0.0.1:9")))
+
+    def one(setups_: list[Any]) -> tuple[int, float]:
+        batches: list[list[dict[str, Any]]] = [[] for _ in setups_]
+        events = 0
+        started = time.process_time()
+        for row in rows:
+            for i, (dest, module, size, creds) in enumerate(setups_):
+                plan = plan_row(row, dest, module, now)
+                if isinstance(plan, Planned):
+                    batch = batches[i]
+                    batch.append(plan.envelope["body"])
+                    events += 1
+                    if len(batch) >= size:
+                        encode_json(module.build_request(batch, creds, dest).body)
+                        batches[i] = []
+        for i, (dest, module, _size, creds) in enumerate(setups_):
+            if batches[i]:
+                encode_json(module.build_request(batches[i], creds, dest).body)
+        return events, time.process_time() - started
+
+    results: dict[str, tuple[int, float]] = {}
+    for setup in setups:
+        results[f"{setup[0].name} ({setup[0].type})"] = min(
+            (one([setup]) for _ in range(REPETITIONS)), key=lambda r: r[1])
+    results["all three, one pass"] = min((one(setups) for _ in range(REPETITIONS)),
+                                         key=lambda r: r[1])
+    return results
+
+
+def print_platforms(results: Mapping[str, tuple[int, float]]) -> None:
+    """The lines of benchmark (c)."""
+    print("(c) per platform: rows planned (contract guard, eligibility, normalise + hash, "
+          "event) and request bodies encoded as sent, best of 3 (CPU time)")
+    separate = 0.0
+    for name, (events, seconds) in results.items():
+        print(f"    {name:<32}: {_fmt_rate(_rate(events, seconds))} events/s "
+              f"({events:,} events in {seconds:.2f}s)")
+        if name != "all three, one pass":
+            separate += seconds
+    together = results.get("all three, one pass")
+    if together and together[1]:
+        print(f"    one pass vs three separate passes over the same rows: "
+              f"{separate / together[1]:.2f}x")
 
 
 def print_e2e_summary(results: Sequence[E2EResult]) -> None:
