@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import uuid
 from collections import Counter, defaultdict
@@ -14,7 +13,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, MetaData, create_engine, func, select, text
-from sqlalchemy.exc import OperationalError
 
 from leadsync.demo_data import (
     STAGES,
@@ -28,9 +26,6 @@ from leadsync.demo_data import (
 )
 
 NOW = datetime(2025, 6, 2, 9, 30, tzinfo=UTC)
-POSTGRES_URL = os.environ.get(
-    "LEADSYNC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-)
 COLUMNS = {column.name for column in lead_stages_table(MetaData()).columns}
 
 
@@ -305,30 +300,13 @@ def test_add_changes_creates_leads_when_none_can_advance(sqlite_engine: Engine) 
 
 
 @pytest.fixture
-def postgres_engine() -> Iterator[Engine]:
-    admin = create_engine(
-        POSTGRES_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
-    )
-    try:
-        with admin.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except OperationalError as exc:
-        admin.dispose()
-        reason = f"PostgreSQL unreachable at {admin.url.render_as_string()}: {exc.orig}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    name = f"leadsync_test_demo_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = create_engine(admin.url.set(database=name))
+def postgres_engine(pg_url: str) -> Iterator[Engine]:
+    """A scratch database from the shared ``pg_url`` fixture (fails in CI when unreachable)."""
+    engine = create_engine(pg_url)
     try:
         yield engine
     finally:
         engine.dispose()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.mark.postgres
