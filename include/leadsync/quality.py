@@ -150,6 +150,7 @@ TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW
 EMAIL_REGEX = r"^\s*[^@\s]+@[^@\s.]+(?:\.[^@\s.]+)+\s*$"
 _CONTROL_REGEX = r"[\x00-\x1f\x7f]"
 _CONTROL_SEARCH = re.compile(_CONTROL_REGEX).search
+_ZERO = timedelta(0)
 
 
 # -- pure helpers (shared by the suite's projection and the stage step's guard) ----------------
@@ -238,9 +239,21 @@ def guard_row(
 ) -> tuple[str, str] | datetime:
     """:func:`check_row`, returning the parsed event_time when the row passes (so planning
     does not parse it twice: this runs once per row of every run)."""
-    lead_id = _present(row.get("lead_id"))
-    stage = _present(row.get("stage"))
-    raw_time = _present(row.get("event_time"))
+    lead_id = row.get("lead_id")
+    stage = row.get("stage")
+    raw_time = row.get("event_time")
+    # The common case (text ids, an aware UTC timestamp from Postgres) without conversions;
+    # anything else takes the general path below, with the same verdicts.
+    if (lead_id.__class__ is str and stage.__class__ is str and raw_time.__class__ is datetime
+            and raw_time.utcoffset() == _ZERO and lead_id.strip() and stage.strip()
+            and len(lead_id) <= MAX_ID_LENGTH and not _CONTROL_SEARCH(lead_id)):
+        if raw_time - now > future_tolerance:
+            return "future_event_time", f"event_time is more than {_duration(future_tolerance)} " \
+                                        "in the future"
+        return raw_time
+    lead_id = _present(lead_id)
+    stage = _present(stage)
+    raw_time = _present(raw_time)
     if lead_id is None:
         return "missing_lead_id", "lead_id is null or blank"
     if stage is None:
