@@ -37,7 +37,7 @@ bench: venv
 # 1,000+ random crash/fault schedules; prints the tally (lost, double-counted, time).
 soak: venv
 	$(BIN)/pytest tests/integration/test_faults.py -k random_fault_schedules \
-		--schedules $${SCHEDULES:-1000} -q -s -p no:cacheprovider
+		--schedules $${SCHEDULES:-1000} --timeout 0 -q -s -p no:cacheprovider
 
 # Regenerates the locks from the short top-level lists (needs network to PyPI).
 lock: | $(BIN)/python
