@@ -25,12 +25,13 @@ the same for every platform (:class:`SendResult`):
 from __future__ import annotations
 
 import enum
-import hashlib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
+
+from leadsync.identity import sha256_hex
 
 if TYPE_CHECKING:
     from leadsync.config import DestinationConfig
@@ -235,5 +236,5 @@ def derive_event_id(lead_id: Any, stage: str) -> str:
     Stable across runs, retries and reprocessing, so the platforms can deduplicate; it
     reveals nothing about the lead beyond the CRM id it is derived from.
     """
-    digest = hashlib.sha256(f"leadsync|{lead_id}|{stage}".encode()).hexdigest()
+    digest = sha256_hex(f"leadsync|{lead_id}|{stage}")
     return f"ls_{digest[:32]}"
