@@ -240,8 +240,9 @@ def _ours_pass(
     client: Any,
     encode: Callable[[Any], Any] | None = None,
 ) -> tuple[int, float]:
-    """plan_row for every row, and one request per 1,000 events; returns (events, send CPU s)."""
-    from leadsync.pipeline import Planned, plan_row
+    """Planner.plan for every row, and one request per 1,000 events; returns (events, send
+    CPU s)."""
+    from leadsync.pipeline import Planned, Planner
 
     size = min(dest.batch_size or module.LIMITS.max_batch_events, module.LIMITS.max_batch_events)
     batch: list[dict[str, Any]] = []
@@ -259,10 +260,11 @@ def _ours_pass(
             encode(request.body)
         send_cpu += cpu() - start
 
+    planner = Planner(dest, module, now)  # as a run does: one per destination and run
     for row in rows:
-        plan = plan_row(row, dest, module, now)
+        plan = planner.plan(row)
         if isinstance(plan, Planned):
-            batch.append(plan.envelope["body"])
+            batch.append(plan.body)
             events += 1
             if len(batch) >= size:
                 flush()
@@ -377,20 +379,26 @@ def _compare(ours: list[dict[str, Any]], sdk: list[dict[str, Any]]) -> list[str]
             problems.append(f"{event['event_id']}: user_data keys differ: "
                             f"{sorted(set(user) ^ set(their_user))}")
         for key in ("em", "ph"):
-            if user.get(key) != their_user.get(key):
+            # Meta takes a string or a list of strings: ours sends the string, the SDK a list.
+            if _as_list(user.get(key)) != _as_list(their_user.get(key)):
                 problems.append(f"{event['event_id']}: {key} hashes differ")
     return problems[:10]
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
 
 
 def _profile_ours(rows: Sequence[Mapping[str, Any]], dest: Any, module: Any,
                   now: datetime) -> str:
     """Top functions (own time) of plan_row over the rows, as printed by pstats."""
-    from leadsync.pipeline import plan_row
+    from leadsync.pipeline import Planner
 
+    plan = Planner(dest, module, now).plan
     profiler = cProfile.Profile(time.process_time)  # CPU time: less noise on a shared machine
     profiler.enable()
     for row in rows:
-        plan_row(row, dest, module, now)
+        plan(row)
     profiler.disable()
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
@@ -409,7 +417,7 @@ def run_build(n: int, *, repetitions: int = REPETITIONS, what_if: bool = False,
     from leadsync.config import get_config
     from leadsync.destinations import get_destination
     from leadsync.destinations.http import HttpClient
-    from leadsync.pipeline import Planned, plan_row
+    from leadsync.pipeline import Planned, Planner
 
     dest = _meta_destination(get_config())
     module = get_destination(dest.type)
@@ -419,11 +427,12 @@ def run_build(n: int, *, repetitions: int = REPETITIONS, what_if: bool = False,
     size = min(dest.batch_size or module.LIMITS.max_batch_events, module.LIMITS.max_batch_events)
 
     # Not timed: the rows, and which of them become events (the SDK builds exactly those).
+    planner = Planner(dest, module, now)
     rows = list(demo_data.generate_rows_fast(n, now, seed=20_260_101))
     items = [
         (row, _sdk_phone(row.get("phone"), row.get("country")))
         for row in rows
-        if isinstance(plan_row(row, dest, module, now), Planned)
+        if isinstance(planner.plan(row), Planned)
     ]
 
     ours_transport, sdk_transport = _StubTransport(), _StubTransport()
@@ -1068,7 +1077,7 @@ def run_platforms(n: int) -> dict[str, tuple[int, float]]:
     from leadsync.config import get_config
     from leadsync.destinations import get_destination
     from leadsync.destinations.http import encode_json
-    from leadsync.pipeline import Planned, plan_row
+    from leadsync.pipeline import Planned, Planner
 
     now = datetime.now(UTC)
     rows = list(demo_data.generate_rows_fast(n, now, seed=3))
@@ -1078,23 +1087,24 @@ def run_platforms(n: int) -> dict[str, tuple[int, float]]:
         module = get_destination(dest.type)
         size = min(dest.batch_size or module.LIMITS.max_batch_events,
                    module.LIMITS.max_batch_events)
-        setups.append((dest, module, size, sandbox_credentials(dest, "http://127.0.0.1:9")))
+        setups.append((dest, module, size, sandbox_credentials(dest, "http://127.0.0.1:9"),
+                       Planner(dest, module, now).plan))
 
     def one(setups_: list[Any]) -> tuple[int, float]:
         batches: list[list[dict[str, Any]]] = [[] for _ in setups_]
         events = 0
         started = time.process_time()
         for row in rows:
-            for i, (dest, module, size, creds) in enumerate(setups_):
-                plan = plan_row(row, dest, module, now)
+            for i, (dest, module, size, creds, plan_fn) in enumerate(setups_):
+                plan = plan_fn(row)
                 if isinstance(plan, Planned):
                     batch = batches[i]
-                    batch.append(plan.envelope["body"])
+                    batch.append(plan.body)
                     events += 1
                     if len(batch) >= size:
                         encode_json(module.build_request(batch, creds, dest).body)
                         batches[i] = []
-        for i, (dest, module, _size, creds) in enumerate(setups_):
+        for i, (dest, module, _size, creds, _plan) in enumerate(setups_):
             if batches[i]:
                 encode_json(module.build_request(batches[i], creds, dest).body)
         return events, time.process_time() - started

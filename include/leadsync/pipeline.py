@@ -14,8 +14,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
+import msgspec
 from sqlalchemy import Engine
 
 from leadsync import quality
@@ -51,17 +52,27 @@ RUN_CONTRACT_FAILED = "contract_failed"
 RUN_CHECK_FAILED = "check_failed"
 
 
-class Planned(NamedTuple):
-    """A row that becomes an event: its outbox envelope (a tuple: one is built per row)."""
+# One of these is built per row: msgspec structs build in a third of a NamedTuple's time.
+class Planned(msgspec.Struct, frozen=True, gc=False):
+    """A row that becomes an event: the platform's event object and what the ledger keeps.
+
+    Not tracked by the cyclic collector (``gc=False``): it only points to strings, a datetime
+    and the body dict, which never point back.
+    """
 
     event_id: str
     event_name: str
     event_time: datetime
-    envelope: dict[str, Any]
+    body: dict[str, Any]
+
+    @property
+    def envelope(self) -> dict[str, Any]:
+        """The outbox envelope: ``{"event_id", "event_time"`` (Unix seconds), ``"body"}``."""
+        return {"event_id": self.event_id, "event_time": int(self.event_time.timestamp()),
+                "body": self.body}
 
 
-@dataclass(frozen=True)
-class Rejected:
+class Rejected(msgspec.Struct, frozen=True):
     """A row that does not become an event, and why."""
 
     reason: str
@@ -84,33 +95,64 @@ def row_event_id(row: Mapping[str, Any]) -> str:
     return derive_event_id(row.get("lead_id"), str(row.get("stage")))
 
 
+class Planner:
+    """Decides what each source row becomes for one destination at one instant (pure).
+
+    What does not change from row to row (the stage map, the oldest sendable event time, the
+    module's functions) is looked up once: every row of every run goes through :meth:`plan`.
+    """
+
+    __slots__ = ("_build_event", "_check_event", "_check_row", "_oldest", "_stages",
+                 "_tolerance", "dest", "module", "now")
+
+    def __init__(self, dest: DestinationConfig, module: Destination, now: datetime) -> None:
+        self.dest = dest
+        self.module = module
+        self.now = now
+        max_age = dest.max_event_age or module.LIMITS.max_event_age
+        self._oldest = None if max_age is None else now - max_age + module.LIMITS.stage_margin
+        self._stages = dest.stages
+        self._tolerance = dest.future_tolerance
+        self._check_row = module.check_row
+        self._build_event = module.build_event
+        self._check_event = module.check_event
+
+    def plan(self, row: Mapping[str, Any]) -> Planned | Rejected:
+        """The row's outbox envelope, or why it does not become an event."""
+        event_time = quality.guard_row(row, self.now, self._tolerance)
+        if event_time.__class__ is tuple:
+            reason, detail = event_time
+            return Rejected(reason, "quarantined", detail)
+        assert isinstance(event_time, datetime)
+        event_name = self._stages.get(str(row["stage"]).strip())
+        if event_name is None:
+            return Rejected("stage_not_mapped", SKIPPED)
+        event_id = row_event_id(row)
+        dest = self.dest
+        skip = self._check_row(row, dest)
+        if skip is None:
+            if self._oldest is not None and event_time < self._oldest:
+                skip = _TOO_OLD
+            else:
+                body = self._build_event(row, dest, event_name, event_id, event_time)
+                skip = self._check_event(body, dest)
+                if skip is None:
+                    return Planned(event_id, event_name, event_time, body)
+        return Rejected(skip.reason, EXPIRED if skip.expired else SKIPPED, "", event_id,
+                        event_name, event_time)
+
+
+_TOO_OLD = Skip("event_too_old", expired=True)
+
+
 def plan_row(
     row: Mapping[str, Any], dest: DestinationConfig, module: Destination, now: datetime
 ) -> Planned | Rejected:
-    """Decides what one source row becomes for one destination (pure: render uses it too)."""
-    event_time = quality.guard_row(row, now, dest.future_tolerance)
-    if isinstance(event_time, tuple):
-        return Rejected(event_time[0], "quarantined", event_time[1])
-    stage = str(row["stage"]).strip()
-    event_name = dest.stages.get(stage)
-    if event_name is None:
-        return Rejected("stage_not_mapped", SKIPPED)
-    event_id = row_event_id(row)
-    skip = module.check_row(row, dest)
-    if skip is None:
-        max_age = dest.max_event_age or module.LIMITS.max_event_age
-        if max_age is not None and event_time < now - max_age + module.LIMITS.stage_margin:
-            skip = Skip("event_too_old", expired=True)
-    body: dict[str, Any] | None = None
-    if skip is None:
-        body = module.build_event(row, dest, event_name, event_id, event_time)
-        skip = module.check_event(body, dest)
-    if skip is not None:
-        return Rejected(skip.reason, EXPIRED if skip.expired else SKIPPED, "", event_id,
-                        event_name, event_time)
-    assert body is not None
-    envelope = {"event_id": event_id, "event_time": int(event_time.timestamp()), "body": body}
-    return Planned(event_id, event_name, event_time, envelope)
+    """Decides what one source row becomes for one destination (pure: render uses it too).
+
+    For many rows, build one :class:`Planner` and call its ``plan``.
+    """
+    return Planner(dest, module, now).plan(row)
 
 
 def render_requests(
@@ -143,13 +185,14 @@ def render_requests(
             batch.clear()  # the request holds its own copy, so a kept line stays whole
             yield {"destination": dest.name, **_render(request)}
 
+    plan = Planner(dest, module, now).plan
     for i, row in enumerate(rows):
         failure = verdicts[i] if verdicts is not None else None
         if failure is not None:
             yield {"skipped": {"lead_id": _str(row.get("lead_id")), "stage": _str(row.get("stage")),
                                "reason": failure.rule, "detail": failure.detail}}
             continue
-        planned = plan_row(row, dest, module, now)
+        planned = plan(row)
         if isinstance(planned, Rejected):
             yield {"skipped": {"lead_id": _str(row.get("lead_id")), "stage": _str(row.get("stage")),
                                "reason": planned.reason}}
@@ -159,7 +202,7 @@ def render_requests(
                                "reason": "duplicate_event_id"}}
             continue
         seen.add(planned.event_id)
-        batch.append(planned.envelope["body"])
+        batch.append(planned.body)
         if len(batch) >= size:
             yield from flush()
     yield from flush()
@@ -385,6 +428,7 @@ class Pipeline:
                 self.state.analyze()  # a backfill outgrows the planner's statistics
             crash_point("after_stage_batch")
 
+        planner = Planner(self.dest, self.module, now)
         with self.state.heartbeat(self.dest.name, run_id, self.config.state.lease_ttl):
             for chunk in source.stream(window):
                 plans: list[tuple[dict[str, Any], Cursor | None, Planned | Rejected]] = []
@@ -392,8 +436,7 @@ class Pipeline:
                     if checked_out and quality.quarantine_key(row) in checked_out:
                         plans.append((row, prev_row, _CHECKED_OUT))
                     else:
-                        plans.append((row, prev_row,
-                                      plan_row(row, self.dest, self.module, now)))
+                        plans.append((row, prev_row, planner.plan(row)))
                     prev_row = row["_cursor"]
                 counts["read"] += len(chunk)
                 last = prev_row
@@ -577,5 +620,5 @@ class Pipeline:
         return summary
 
 
-__all__ = ["DELIVERED", "FAILED", "Pipeline", "Planned", "Rejected", "plan_row",
+__all__ = ["DELIVERED", "FAILED", "Pipeline", "Planned", "Planner", "Rejected", "plan_row",
            "render_requests", "row_event_id"]

@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import select, text
 
 from leadsync import quality
-from leadsync.pipeline import Pipeline, Planned, Rejected, plan_row
+from leadsync.pipeline import Pipeline, Planned, Planner, Rejected
 from leadsync.source import to_utc
 from leadsync.state import FAILED, PENDING, Cursor, LedgerRecord, ledger
 
@@ -269,6 +269,7 @@ class Reprocessor:
 
         dedup_window = module.LIMITS.dedup_window
         contract = pipeline.config.contract.enabled
+        planner = Planner(self.dest, module, now)
         for chunk in _chunks(self.select(req), 500):
             # The same data contract as a normal run (run in memory, like render): a row it
             # rejects is not resent, whatever it was before.
@@ -276,7 +277,7 @@ class Reprocessor:
                         if contract else [None] * len(chunk))
             plans: list[tuple[dict[str, Any], Planned | Rejected]] = [
                 (row, Rejected(v.rule, "quarantined", v.detail) if v is not None
-                 else plan_row(row, self.dest, module, now))
+                 else planner.plan(row))
                 for row, v in zip(chunk, verdicts, strict=True)
             ]
             known = self._delivered_at([p.event_id for _, p in plans if p.event_id])

@@ -58,14 +58,15 @@ def sample_events(dest: DestinationConfig, n: int, now: datetime | None = None,
     ``n`` events unless the generator runs dry (it never does for realistic configs).
     """
     from leadsync import demo_data
-    from leadsync.pipeline import Planned, plan_row
+    from leadsync.pipeline import Planned, Planner
 
     now = now or datetime.now(UTC)
     module = get_destination(dest.type)
     events: list[dict[str, Any]] = []
     seen: set[str] = set()
+    planner = Planner(dest, module, now)
     for row in demo_data.generate_rows_fast(n * 4 + 100, now, seed=seed):
-        plan = plan_row(row, dest, module, now)
+        plan = planner.plan(row)
         if isinstance(plan, Planned) and plan.event_id not in seen:
             seen.add(plan.event_id)
             events.append(plan.envelope)
