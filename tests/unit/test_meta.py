@@ -135,19 +135,19 @@ def test_crm_event_shape() -> None:
     assert meta.check_event(event, CRM) is None
 
 
-def test_crm_event_hashes_identifiers_as_lists_of_hex() -> None:
+def test_crm_event_hashes_identifiers_as_hex_strings() -> None:
+    # Meta takes each hashed field as a string or a list of strings (platforms.md §1).
     user = build(full_row())["user_data"]
 
     assert HASHED_KEYS <= set(user)
     for key in HASHED_KEYS:
-        assert isinstance(user[key], list) and len(user[key]) == 1, key
-        assert HEX64.match(user[key][0]), key
-    assert user["em"] == [sha("jane.doe@example.com")]
-    assert user["ph"] == [sha("16505551212")]  # platforms.md §1.3 example
-    assert user["zp"] == [sha("94103")]
-    assert user["country"] == [sha("us")]
-    assert user["ge"] == [sha("f")]
-    assert user["db"] == [sha("19900401")]
+        assert isinstance(user[key], str) and HEX64.match(user[key]), key
+    assert user["em"] == sha("jane.doe@example.com")
+    assert user["ph"] == sha("16505551212")  # platforms.md §1.3 example
+    assert user["zp"] == sha("94103")
+    assert user["country"] == sha("us")
+    assert user["ge"] == sha("f")
+    assert user["db"] == sha("19900401")
     # No raw identifier anywhere in the event.
     dumped = json.dumps(build(full_row()))
     for raw in ("Jane", "jane.doe", "5551212", "San Francisco", "94103", "crm-42", "1990"):

@@ -25,7 +25,7 @@ from leadsync.destinations.base import (
     SendResult,
     Skip,
 )
-from leadsync.identity import META_RULES, hash_identifiers_as_lists
+from leadsync.identity import META_RULES, hash_identifiers
 
 if TYPE_CHECKING:
     from leadsync.config import DestinationConfig
@@ -128,12 +128,16 @@ def build_event(
     event_id: str,
     event_time: datetime,
 ) -> dict[str, Any]:
-    """One ``data[]`` event; hashed fields are lists of hex strings, as the SDK sends them.
+    """One ``data[]`` event.
+
+    Hashed ``user_data`` fields are single hex strings: Meta takes a string or a list of
+    strings for each (platforms.md §1), leadsync has one value per field, and the SDK's
+    one-element lists cost an object per field per event and 4 bytes on the wire.
 
     Runs for every row: the raw fields are read inline (same rules as :func:`_raw`: text,
     trimmed, empty means absent) rather than through a call per column.
     """
-    user: dict[str, Any] = hash_identifiers_as_lists(row, META_RULES)
+    user: dict[str, Any] = hash_identifiers(row, META_RULES)
     get = row.get
     value: Any = get("client_ip")
     if value is not None and (text := str(value).strip()):
