@@ -32,8 +32,6 @@ it runs for every row of every run.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import math
 import re
 import unicodedata
@@ -47,6 +45,8 @@ from typing import Any, Final, NamedTuple
 
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneMetadata
+
+from leadsync.hashing import sha256, sha256_hex
 
 __all__ = [
     "GOOGLE_RULES",
@@ -78,43 +78,8 @@ __all__ = [
 #: Longest raw input considered at all; anything longer is junk (or an attack) and is dropped.
 MAX_INPUT_LENGTH: Final = 1024
 
-
-
-def _short_input_sha256() -> Callable[[bytes], Any]:
-    """The SHA-256 constructor that is fastest for identifier-sized inputs.
-
-    ``hashlib.sha256`` goes through OpenSSL, whose 3.x series looks the algorithm up again on
-    every call: for a 20-byte email that costs more than the hashing (about 880 ns a hash
-    against 580 ns for CPython's own implementation, measured on this project's CI machine).
-    CPython's built-in module (``_sha256``, ``_sha2`` from 3.12) gives the same digests and is
-    used when present and correct; a FIPS-only build without it falls back to hashlib.
-    """
-    reference = hashlib.sha256(b"leadsync").hexdigest()
-    for name in ("_sha2", "_sha256"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        constructor = getattr(module, "sha256", None)
-        if constructor is not None and constructor(b"leadsync").hexdigest() == reference:
-            return constructor
-    return hashlib.sha256
-
-
-_sha256: Final = _short_input_sha256()
+_sha256: Final = sha256  # CPython's own SHA-256 where present: see leadsync.hashing
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-
-
-def sha256_hex(value: str) -> str:
-    """Hash a string the way every platform expects.
-
-    Args:
-        value: The normalised text.
-
-    Returns:
-        The lowercase hex SHA-256 digest of the UTF-8 bytes of ``value``.
-    """
-    return _sha256(value.encode()).hexdigest()
 
 
 def is_sha256(value: str) -> bool:

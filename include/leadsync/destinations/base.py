@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from leadsync.identity import sha256_hex
+from leadsync.hashing import sha256_hex
 
 if TYPE_CHECKING:
     from leadsync.config import DestinationConfig
