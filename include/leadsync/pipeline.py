@@ -24,7 +24,7 @@ from leadsync.config import Config, DestinationConfig
 from leadsync.delivery import BatchSender, summarize
 from leadsync.destinations import get_destination
 from leadsync.destinations.base import Destination, HttpRequest, Skip, derive_event_id
-from leadsync.destinations.http import HttpClient
+from leadsync.destinations.http import HttpClient, encode_event
 from leadsync.faults import crash_point
 from leadsync.source import Source, Window, plan_window
 from leadsync.state import (
@@ -70,6 +70,16 @@ class Planned(msgspec.Struct, frozen=True, gc=False):
         """The outbox envelope: ``{"event_id", "event_time"`` (Unix seconds), ``"body"}``."""
         return {"event_id": self.event_id, "event_time": int(self.event_time.timestamp()),
                 "body": self.body}
+
+    def stored_envelope(self) -> dict[str, Any]:
+        """:attr:`envelope` with the body serialised (``msgspec.Raw``), as stage keeps it.
+
+        Each event is encoded once, right after it is built: the batch then holds compact
+        bytes instead of ~30 objects per event, the outbox payload is these bytes joined,
+        and requests embed them without encoding them again.
+        """
+        return {"event_id": self.event_id, "event_time": int(self.event_time.timestamp()),
+                "body": encode_event(self.body)}
 
 
 class Rejected(msgspec.Struct, frozen=True):
@@ -485,7 +495,7 @@ class Pipeline:
                         continue
                     if not buf.envelopes:
                         buf.prev = prev
-                    buf.envelopes.append(plan.envelope)
+                    buf.envelopes.append(plan.stored_envelope())
                     buf.ids.add(event_id)
                     buf.records.append(LedgerRecord(
                         event_id, key[0][:128], key[1][:64], plan.event_name, PENDING, cursor.ts,
@@ -513,7 +523,8 @@ class Pipeline:
     def push(self, run_id: str, batch_id: str, client: HttpClient | None = None) -> dict[str, int]:
         """Sends one outbox batch and records each event's outcome."""
         self._hold(run_id)
-        batch = self.state.load_batch(batch_id)
+        raw = getattr(self.module, "RAW_EVENT_BODIES", False)
+        batch = self.state.load_batch(batch_id, raw_bodies=raw)
         if batch is None or batch.status != "pending":
             return {}  # already done (a cleared or retried task): nothing is sent twice
         if self._credentials is None:

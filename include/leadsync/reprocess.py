@@ -302,7 +302,7 @@ class Reprocessor:
                     counts["previously_delivered"] += 1
                 seen.add(plan.event_id)
                 cursor: Cursor = row["_cursor"]
-                envelopes.append(plan.envelope)
+                envelopes.append(plan.stored_envelope())
                 records.append(LedgerRecord(plan.event_id, str(row["lead_id"])[:128],
                                             str(row["stage"])[:64], plan.event_name, PENDING,
                                             cursor.ts, plan.event_time))

@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 from sqlalchemy import (
     Column,
     DateTime,
@@ -288,7 +289,11 @@ class LedgerRecord:
 
 @dataclass(frozen=True)
 class Batch:
-    """One outbox batch: one platform request, repeatable without duplicates."""
+    """One outbox batch: one platform request, repeatable without duplicates.
+
+    ``events`` are envelopes ``{"event_id", "event_time", "body"}``; the body is a dict, or
+    its stored JSON (``msgspec.Raw``) when the batch was loaded with ``raw_bodies``.
+    """
 
     batch_id: str
     destination: str
@@ -297,6 +302,32 @@ class Batch:
     events: list[dict[str, Any]]
     attempts: int
     prev_cursor: Cursor | None
+
+
+class _StoredEnvelope(msgspec.Struct):
+    """An outbox envelope decoded with its body left as the JSON it was stored as."""
+
+    event_id: str
+    event_time: int
+    body: msgspec.Raw
+
+
+_EVENTS_ENCODER = msgspec.json.Encoder()
+_RAW_ENVELOPES = msgspec.json.Decoder(list[_StoredEnvelope])
+
+
+def _encode_events(events: Sequence[Mapping[str, Any]]) -> str:
+    """An outbox payload: the envelopes as JSON (bodies given as ``msgspec.Raw`` are stored
+    as they are: an event is serialised once, when it is staged)."""
+    return _EVENTS_ENCODER.encode(events).decode()
+
+
+def _decode_events(payload: str, raw_bodies: bool) -> list[dict[str, Any]]:
+    if not raw_bodies:
+        decoded: list[dict[str, Any]] = msgspec.json.decode(payload)
+        return decoded
+    return [{"event_id": e.event_id, "event_time": e.event_time, "body": e.body}
+            for e in _RAW_ENVELOPES.decode(payload)]
 
 
 @dataclass(frozen=True)
@@ -764,7 +795,7 @@ class StateStore:
                     seq=seq,
                     status=BATCH_PENDING,
                     n_events=len(events),
-                    payload=json.dumps(events, separators=(",", ":")),
+                    payload=_encode_events(events),
                     prev_cursor=_cursor_json(prev_cursor),
                     attempts=0,
                     created_at=now,
@@ -784,8 +815,13 @@ class StateStore:
                 ).scalars()
             )
 
-    def load_batch(self, batch_id: str) -> Batch | None:
-        """One outbox batch with its payload."""
+    def load_batch(self, batch_id: str, *, raw_bodies: bool = False) -> Batch | None:
+        """One outbox batch with its payload.
+
+        With ``raw_bodies`` each event's ``body`` is its JSON as stored (``msgspec.Raw``),
+        for destinations whose requests embed events as they are (``RAW_EVENT_BODIES``):
+        nothing is decoded and encoded again to send it.
+        """
         with self.engine.connect() as conn:
             row = conn.execute(select(outbox).where(outbox.c.batch_id == batch_id)).first()
         if row is None:
@@ -795,7 +831,7 @@ class StateStore:
             destination=row.destination,
             run_id=row.run_id,
             status=row.status,
-            events=json.loads(row.payload) if row.payload else [],
+            events=_decode_events(row.payload, raw_bodies) if row.payload else [],
             attempts=row.attempts,
             prev_cursor=_cursor_from_json(row.prev_cursor),
         )
@@ -856,7 +892,7 @@ class StateStore:
                     update(outbox)
                     .where(outbox.c.batch_id == batch.batch_id)
                     .values(
-                        payload=json.dumps(remaining, separators=(",", ":")),
+                        payload=_encode_events(remaining),
                         n_events=len(remaining),
                         attempts=outbox.c.attempts + 1,
                         updated_at=now,

@@ -15,11 +15,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from sqlalchemy import Engine, String, Text, inspect, select
 from sqlalchemy.exc import IntegrityError
 
 from leadsync.db import make_engine
+from leadsync.destinations.http import encode_event
 from leadsync.state import (
     BATCH_DONE,
     BATCH_PENDING,
@@ -540,6 +542,40 @@ def test_record_outcomes_keeps_the_events_still_pending(store: StateStore) -> No
                           "r2")
     row = outbox_row(store, "b1")
     assert (row.status, row.payload, row.attempts) == (BATCH_DONE, None, 2)
+
+
+def test_serialised_bodies_are_stored_as_they_are_and_loaded_raw(store: StateStore) -> None:
+    # Stage stores events serialised once (msgspec.Raw); push of a RAW_EVENT_BODIES
+    # destination loads them raw and embeds them in the request without decoding them.
+    bodies = [{"event_id": f"e{i}", "user_data": {"em": "0" * 64, "client_user_agent": "Zoë"}}
+              for i in range(3)]
+    envelopes = [{"event_id": f"e{i}", "event_time": int(T0.timestamp()),
+                  "body": encode_event(body)} for i, body in enumerate(bodies)]
+    store.stage_batch(DEST, "r1", "b1", 1, envelopes,
+                      [record(f"e{i}", batch_id="b1") for i in range(3)], None)
+
+    decoded = store.load_batch("b1")
+    assert decoded is not None
+    assert [e["body"] for e in decoded.events] == bodies
+    raw = store.load_batch("b1", raw_bodies=True)
+    assert raw is not None
+    assert all(isinstance(e["body"], msgspec.Raw) for e in raw.events)
+    assert [bytes(e["body"]) for e in raw.events] == [bytes(e["body"]) for e in envelopes]
+    assert [json.loads(bytes(e["body"])) for e in raw.events] == bodies
+    assert [e["event_time"] for e in raw.events] == [int(T0.timestamp())] * 3
+
+    # What stays pending is written back whole, from either form.
+    store.record_outcomes(raw, {"e0": EventOutcome(DELIVERED)}, "r1")
+    again = store.load_batch("b1")
+    assert again is not None
+    assert [e["body"] for e in again.events] == bodies[1:]
+
+
+def test_encode_event_replaces_text_utf8_cannot_hold() -> None:
+    body = {"user_data": {"client_user_agent": "Mozilla\udcff", "pair": "\ud83d\ude00"}}
+    assert json.loads(bytes(encode_event(body))) == {
+        "user_data": {"client_user_agent": "Mozilla\ufffd", "pair": "\U0001f600"}}
+    assert bytes(encode_event({"a": "b"})) == b'{"a":"b"}'
 
 
 def test_note_attempt_counts_and_keeps_the_batch(store: StateStore) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,30 @@ def encode_json(body: Any) -> bytes:
     was a third of the time to build a batch). Bodies never hold NaN or infinities: values are
     checked finite when events are built."""
     return _ENCODER.encode(body)
+
+
+def encode_event(body: Mapping[str, Any]) -> msgspec.Raw:
+    """One event serialised once, when it is staged: the outbox stores these bytes and
+    requests of ``RAW_EVENT_BODIES`` destinations embed them as they are.
+
+    Text that UTF-8 cannot encode (a lone surrogate in a user agent read from a file) has
+    those characters replaced by U+FFFD rather than failing the whole batch.
+    """
+    try:
+        return msgspec.Raw(_ENCODER.encode(body))
+    except UnicodeEncodeError:
+        return msgspec.Raw(_ENCODER.encode(_scrub(body)))
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        # Through UTF-16: a split surrogate pair joins up again, a lone one becomes U+FFFD.
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, Mapping):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
 
 
 def _host(url: str) -> str:

@@ -36,6 +36,9 @@ DEFAULT_API_VERSION = "v25.0"
 # 1,000 events per request; one event older than 7 days fails the whole request.
 LIMITS = Limits(max_batch_events=1000, max_event_age=timedelta(days=7),
                 dedup_window=timedelta(hours=48))
+# build_request puts the events in the body as they are: push hands it the events' stored
+# JSON (msgspec.Raw) instead of decoding the outbox and encoding it again.
+RAW_EVENT_BODIES = True
 
 _VERSION_RE = re.compile(r"^v\d+\.\d+$")
 _PIXEL_RE = re.compile(r"^\d{5,20}$")

@@ -53,6 +53,9 @@ TRACK_PATH = "/open_api/v1.3/event/track/"
 # Same event + event_id within 48 hours is deduplicated (§2.5).
 LIMITS = Limits(max_batch_events=1000, max_event_age=timedelta(days=28),
                 dedup_window=timedelta(hours=48))
+# build_request puts the events in the body as they are: push hands it the events' stored
+# JSON (msgspec.Raw) instead of decoding the outbox and encoding it again.
+RAW_EVENT_BODIES = True
 
 SUCCESS_CODES = frozenset({0, 20001})
 THROTTLE_CODE = 40100
