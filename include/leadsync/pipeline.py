@@ -130,14 +130,17 @@ class Planner:
     def plan(self, row: Mapping[str, Any]) -> Planned | Rejected:
         """The row's outbox envelope, or why it does not become an event."""
         event_time = quality.guard_row(row, self.now, self._tolerance)
-        if event_time.__class__ is tuple:
-            reason, detail = event_time
-            return Rejected(reason, "quarantined", detail)
-        assert isinstance(event_time, datetime)
-        event_name = self._stages.get(str(row["stage"]).strip())
+        if isinstance(event_time, tuple):
+            return Rejected(event_time[0], "quarantined", event_time[1])
+        stage = row["stage"]  # the guard passed: present and text
+        event_name = self._stages.get(stage.strip())
         if event_name is None:
             return Rejected("stage_not_mapped", SKIPPED)
-        event_id = row_event_id(row)
+        own = row.get("event_id")
+        if own is None:
+            event_id = derive_event_id(row["lead_id"], stage)
+        else:
+            event_id = row_event_id(row)
         dest = self.dest
         skip = self._check_row(row, dest)
         if skip is None:
