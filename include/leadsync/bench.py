@@ -15,8 +15,7 @@
     answers ``events_received``: what is timed is everything up to the bytes on the wire.
     The sides run interleaved, best of 3, on process CPU time (the machine is shared: CPU
     time is what other processes disturb least); wall-clock figures are printed too. Below
-    the target the hot spots of ``plan_row`` are profiled (``run_build(what_if=True)`` adds a
-    side encoding the JSON body with a bare ``msgspec`` encoder, outside ``requests``).
+    the target the hot spots of ``Planner.plan`` are profiled.
 
     Fairness choices. The SDK gets the raw row values it accepts: it lowercases, trims,
     validates and hashes them itself. Phones: the SDK cannot add a country code, so a phone
@@ -200,7 +199,6 @@ class BuildResult:
     rows: int
     ours: Side
     sdk: Side
-    what_if: Side | None
     compared: int = 0
     problems: list[str] = field(default_factory=list)
     hot_spots: str = ""
@@ -242,7 +240,6 @@ def _ours_pass(
     creds: Any,
     now: datetime,
     client: Any,
-    encode: Callable[[Any], Any] | None = None,
 ) -> tuple[int, float]:
     """Planner.plan for every row, each event serialised once (as stage stores it), and one
     request per 1,000 events; returns (events, send CPU s)."""
@@ -259,11 +256,7 @@ def _ours_pass(
     def flush() -> None:
         nonlocal send_cpu
         start = cpu()
-        request = module.build_request(batch, creds, dest)
-        if encode is None:
-            client.send(request)
-        else:
-            encode(request.body)
+        client.send(module.build_request(batch, creds, dest))
         send_cpu += cpu() - start
 
     planner = Planner(dest, module, now)  # as a run does: one per destination and run
@@ -414,8 +407,7 @@ def _profile_ours(rows: Sequence[Mapping[str, Any]], dest: Any, module: Any,
     return "\n".join(lines[start:])
 
 
-def run_build(n: int, *, repetitions: int = REPETITIONS, what_if: bool = False,
-              profile: bool = True) -> BuildResult:
+def run_build(n: int, *, repetitions: int = REPETITIONS, profile: bool = True) -> BuildResult:
     """Runs benchmark (a) on ``n`` rows; see the module docstring."""
     from facebook_business.api import FacebookAdsApi
 
@@ -447,19 +439,15 @@ def run_build(n: int, *, repetitions: int = REPETITIONS, what_if: bool = False,
     client.session.mount("https://", ours_transport)
     api = FacebookAdsApi.init(access_token=SANDBOX_TOKEN, crash_log=False)
     api._session.requests.mount("https://", sdk_transport)
-    encoder = _fast_encoder() if what_if else None
 
     ours = Side("leadsync")
     sdk = Side("facebook-business SDK")
-    alt = Side("leadsync, msgspec encoding") if encoder is not None else None
     # The input rows are not what is measured: keep the collector from walking them.
     gc.collect()
     gc.freeze()
     try:
         for _ in range(repetitions):
-            for side in (ours, sdk, alt):
-                if side is None:
-                    continue
+            for side in (ours, sdk):
                 transport = sdk_transport if side is sdk else ours_transport
                 transport.reset()
                 clock = _Clock()
@@ -467,20 +455,16 @@ def run_build(n: int, *, repetitions: int = REPETITIONS, what_if: bool = False,
                     if side is ours:
                         events, send = _ours_pass(rows, dest, module, creds, now, client)
                         parts: tuple[float, ...] = (send,)
-                    elif side is sdk:
+                    else:
                         events, execute, normalize = _sdk_pass(items, dest, size)
                         parts = (execute, normalize)
-                    else:
-                        events, send = _ours_pass(rows, dest, module, creds, now, client,
-                                                  encoder)
-                        parts = (send,)
                 side.keep(events, clock, parts, transport)
                 gc.collect()
     finally:
         gc.unfreeze()
         client.close()
 
-    result = BuildResult(n, ours, sdk, alt)
+    result = BuildResult(n, ours, sdk)
     if ours_transport.first_body and sdk_transport.first_body:
         first_ours = _decode_ours(ours_transport.first_body)
         result.compared = len(first_ours)
@@ -494,15 +478,6 @@ def run_build(n: int, *, repetitions: int = REPETITIONS, what_if: bool = False,
     return result
 
 
-def _fast_encoder() -> Callable[[Any], Any] | None:
-    try:
-        import msgspec
-    except ImportError:  # pragma: no cover - msgspec is in the lock, but optional here
-        return None
-    encode: Callable[[Any], Any] = msgspec.json.Encoder().encode
-    return encode
-
-
 def print_build(result: BuildResult) -> None:
     """Prints benchmark (a)."""
     ours, sdk = result.ours, result.sdk
@@ -511,10 +486,11 @@ def print_build(result: BuildResult) -> None:
     print(f"(a) Meta events built and serialised from {result.rows:,} in-memory rows, "
           f"requests of 1,000 events, best of {REPETITIONS} interleaved (CPU time; "
           "wall-clock in brackets)")
-    print(f"    leadsync  plan_row + HttpClient  : {_fmt_rate(ours.rate):>9} events/s "
+    print(f"    leadsync  Planner + HttpClient   : {_fmt_rate(ours.rate):>9} events/s "
           f"[{_fmt_rate(ours.wall_rate)}]  {_us(ours.cpu, ours.events):5.1f} µs/event = "
-          f"plan_row {_us(ours.cpu - send, ours.events):.1f} + request (build_request, JSON, "
-          f"HttpClient) {_us(send, ours.events):.1f}; {ours.bytes_per_event:,.0f} bytes/event")
+          f"plan + encode once {_us(ours.cpu - send, ours.events):.1f} + request "
+          f"(build_request, HttpClient) {_us(send, ours.events):.1f}; "
+          f"{ours.bytes_per_event:,.0f} bytes/event")
     print(f"    SDK       Event + execute()       : {_fmt_rate(sdk.rate):>9} events/s "
           f"[{_fmt_rate(sdk.wall_rate)}]  {_us(sdk.cpu, sdk.events):5.1f} µs/event = objects "
           f"{_us(sdk.cpu - execute, sdk.events):.1f} + normalise/hash/JSON "
@@ -523,19 +499,14 @@ def print_build(result: BuildResult) -> None:
     verdict = "meets" if result.ratio >= TARGET_RATIO else "BELOW"
     print(f"    ratio leadsync/SDK: {result.ratio:.2f}x ({verdict} the {TARGET_RATIO:g}x target; "
           f"wall-clock ratio {ours.wall_rate / sdk.wall_rate:.2f}x)")
-    alt = result.what_if
-    if alt is not None:
-        print(f"    what if HttpClient encoded JSON with msgspec (not what is sent today): "
-              f"{_fmt_rate(alt.rate)} events/s, request {_us(alt.parts[0], alt.events):.1f} "
-              f"µs/event, ratio {alt.rate / sdk.rate:.2f}x")
     status = "OK" if result.correct else "MISMATCH"
     print(f"    same events: {status} ({ours.events:,} events each side; the first requests "
           f"compared event by event: {result.compared:,} events)")
     for problem in result.problems:
         print(f"      ! {problem}")
     if result.hot_spots:
-        print(f"    hot spots of plan_row (cProfile, own time, {min(result.rows, PROFILE_ROWS):,} "
-              "rows):")
+        print(f"    hot spots of Planner.plan (cProfile, own time, "
+              f"{min(result.rows, PROFILE_ROWS):,} rows):")
         for line in result.hot_spots.splitlines():
             print(f"      {line}")
 

@@ -44,7 +44,7 @@ def test_end_to_end_on_sqlite_delivers_every_eligible_row_once() -> None:
 
 
 def test_build_benchmark_compares_the_same_events() -> None:
-    result = bench.run_build(1_500, repetitions=1, what_if=False, profile=False)
+    result = bench.run_build(1_500, repetitions=1, profile=False)
     assert result.correct, result.problems
     assert result.ours.events == result.sdk.events == 1_500
     assert result.compared == 1_000  # the first request of each side, event by event
