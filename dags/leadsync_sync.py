@@ -16,7 +16,8 @@ One DAG per destination in `include/leadsync.yaml` (dag_id `leadsync_<name>`). E
 4. **push_batch** (mapped, one task per outbox batch, older leftovers first) sends one request
    and records each event's outcome in the ledger.
 5. **commit_watermark** moves the watermark past terminal rows only and frees the lease; after
-   a failed contract check it only frees the lease (the watermark stays).
+   a failed contract check it only frees the lease (the watermark stays). A run that ends
+   green emits an Asset event `leadsync://<name>` with its counts in `extra`.
 6. **check_requests** (platforms that process asynchronously: Google Data Manager), alongside
    the steps after open_run, looks up the processing status of requests sent by earlier runs
    and records per-batch outcome counts in the state store and the run's counts.
@@ -32,15 +33,17 @@ from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import DAG, task
+from airflow.sdk import DAG, Asset, task
 from airflow.timetables.trigger import CronTriggerTimetable
 
 from leadsync.config import DestinationConfig, get_config
 from leadsync.destinations import has_request_status
+from leadsync.monitor.assets import asset_uri
 
 
 def build_dag(dest: DestinationConfig) -> DAG:
     """The sync DAG of one destination (wiring only; logic lives in include/leadsync)."""
+    delivered = Asset(name=asset_uri(dest.name), uri=asset_uri(dest.name))
     with DAG(
         dag_id=dest.dag_id,
         schedule=CronTriggerTimetable(dest.schedule, timezone="UTC"),
@@ -99,10 +102,11 @@ def build_dag(dest: DestinationConfig) -> DAG:
             except (CredentialsError, FatalDestinationError) as exc:
                 raise AirflowFailException(str(exc)) from None  # no retry: fix config first
 
-        @task(trigger_rule="all_done")
+        @task(trigger_rule="all_done", outlets=[delivered])
         def commit_watermark(**context: Any) -> dict[str, Any]:
             from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+            from leadsync.monitor.assets import asset_extra
             from leadsync.tasks import pipeline_for
 
             pipeline = pipeline_for(dest.name)
@@ -122,6 +126,7 @@ def build_dag(dest: DestinationConfig) -> DAG:
                     "pending (see push_batch logs); the next run resends them with the same "
                     "event ids"
                 )
+            context["outlet_events"][delivered].extra = asset_extra(summary)
             return summary
 
         run = open_run()
