@@ -4,6 +4,7 @@ chart, no script and no CDN, so the pages work inside the Airflow UI's iframe as
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from jinja2 import DictLoader, Environment, select_autoescape
@@ -59,9 +60,11 @@ _BASE = """<!doctype html>
 body{font-family:system-ui,sans-serif;margin:16px;color:#222;background:#fff}
 nav a{margin-right:12px} table{border-collapse:collapse;margin:8px 0 16px}
 td,th{border:1px solid #ddd;padding:3px 8px;font-size:13px;text-align:left}
-th{background:#f5f5f5} td.n{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f5f5f5} td.links{white-space:nowrap}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
 section{border:1px solid #e0e0e0;border-radius:6px;padding:8px 14px;margin:12px 0}
-.status-success{color:#2e7d32}.status-partial,.status-contract_failed,.status-check_failed{color:#c62828}
+.status-success{color:#2e7d32}
+.status-partial,.status-contract_failed,.status-check_failed{color:#c62828}
 .legend span{display:inline-block;margin-right:10px;font-size:12px}
 .legend i{display:inline-block;width:10px;height:10px;margin-right:4px}
 .muted{color:#777;font-size:12px}
@@ -84,14 +87,14 @@ _OVERVIEW = """{% extends "base" %}{% block body %}
 <section id="dest-{{ d.name }}" class="destination">
 <h2>{{ d.name }} <span class="muted">({{ d.type }}, DAG <a target="_top"
  href="{{ d.dag_url }}">{{ d.dag_id }}</a>)</span></h2>
-<p>Watermark: <strong>{{ d.watermark or "none yet" }}</strong>
+<p>Watermark: <strong>{{ d.watermark|when if d.watermark else "none yet" }}</strong>
 {% if d.lag is not none %} — lag <strong class="lag">{{ d.lag }}</strong>{% endif %}</p>
 <table class="totals"><tr>{% for k in totals_keys %}<th>{{ k }}</th>{% endfor %}</tr>
 <tr>{% for k in totals_keys %}<td class="n" data-key="{{ k }}">{{ d.totals[k] }}</td>
 {% endfor %}</tr></table>
 {% if d.last_run %}<p>Last run <a target="_top" href="{{ d.last_run.airflow_url }}">
 {{ d.last_run.run_id }}</a>: <span class="status-{{ d.last_run.status }}">
-{{ d.last_run.status }}</span>, {{ d.last_run.started_at }}</p>{% endif %}
+{{ d.last_run.status }}</span>, {{ d.last_run.started_at|when }}</p>{% endif %}
 <h3>Events per run (last {{ d.runs|length }})</h3>
 <div class="legend">{% for k, c in series %}<span><i style="background:{{ c }}"></i>{{ k }}</span>
 {% endfor %}</div>
@@ -111,9 +114,10 @@ _OVERVIEW = """{% extends "base" %}{% block body %}
 <table class="runs"><tr><th>run</th><th>status</th><th>started</th>
 {% for k in run_keys %}<th>{{ k }}</th>{% endfor %}<th></th></tr>
 {% for r in d.runs %}<tr><td><a target="_top" href="{{ r.airflow_url }}">{{ r.run_id }}</a></td>
-<td class="status-{{ r.status }}">{{ r.status }}</td><td>{{ r.started_at }}</td>
+<td class="status-{{ r.status }}">{{ r.status }}</td><td>{{ r.started_at|when }}</td>
 {% for k in run_keys %}<td class="n">{{ r.counts[k] }}</td>{% endfor %}
-<td><a href="{{ root }}/quarantine?destination={{ d.name }}&run={{ r.run_id|urlencode }}">
+<td class="links"><a href="{{ root }}/quarantine?destination={{ d.name }}&run={{
+ r.run_id|urlencode }}">
 quarantine</a> · <a href="{{ root }}/dead-letters?destination={{ d.name }}&run={{
  r.run_id|urlencode }}">dead letters</a>{% if r.data_docs %} · <a href="{{ r.data_docs }}">
 Data Docs</a>{% endif %}</td></tr>{% endfor %}</table>
@@ -130,6 +134,7 @@ _TABLE = """{% extends "base" %}{% block body %}
 {% if d.rows %}<table class="rows"><tr>{% for k in columns %}<th>{{ k }}</th>{% endfor %}</tr>
 {% for row in d.rows %}<tr>{% for k in columns %}<td>{% if k == "run_id" and row[k] %}
 <a href="?destination={{ d.name }}&run={{ row[k]|urlencode }}">{{ row[k] }}</a>
+{% elif k.endswith("_at") or k.endswith("_seen") %}{{ row[k]|when }}
 {% else %}{{ row[k] if row[k] is not none else "" }}{% endif %}</td>{% endfor %}</tr>
 {% endfor %}</table>{% else %}<p class="muted">nothing here</p>{% endif %}
 </section>{% endfor %}
@@ -137,6 +142,20 @@ _TABLE = """{% extends "base" %}{% block body %}
 
 _ENV = Environment(loader=DictLoader({"base": _BASE, "overview": _OVERVIEW, "table": _TABLE}),
                    autoescape=select_autoescape(default=True, default_for_string=True))
+
+
+def _when(value: str | None) -> str:
+    """An ISO timestamp as ``2026-11-29 14:07:14 UTC`` (to the second)."""
+    if not value:
+        return ""
+    try:
+        ts = datetime.fromisoformat(value).astimezone(UTC)
+    except ValueError:
+        return value
+    return ts.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+_ENV.filters["when"] = _when
 
 
 def render(template: str, **context: Any) -> str:

@@ -27,8 +27,7 @@ from leadsync.state import (
 )
 
 # The run counters shown per run (the rest stay in the state store and XCom).
-RUN_COUNTS = ("read", "staged", "sent", "delivered", "failed", "expired", "skipped",
-              "quarantined", "acknowledged")
+RUN_COUNTS = ("read", "sent", "delivered", "failed", "expired", "skipped", "quarantined")
 
 
 def _iso(value: datetime | None) -> str | None:
