@@ -302,12 +302,74 @@ class ContractConfig(_Strict):
         return path if path.is_absolute() else leadsync_home() / path
 
 
+# Where each notifier type comes from: ours, or the Airflow provider that must be installed.
+NOTIFIER_PROVIDERS = {"slack": "apache-airflow-providers-slack",
+                      "smtp": "apache-airflow-providers-smtp",
+                      "apprise": "apache-airflow-providers-apprise"}
+
+
+class NotifierConfig(_Strict):
+    """One place alerts go: our plain JSON webhook, or a provider's Airflow notifier."""
+
+    type: Literal["webhook", "slack", "smtp", "apprise"]
+    # webhook: the URL to POST JSON to, or a connection whose host is that URL (a URL that
+    # embeds a token belongs in a connection). slack/smtp/apprise: the provider's connection.
+    url: str | None = None
+    connection_id: str | None = None
+    to: list[str] = []            # smtp: recipients
+    from_email: str | None = None  # smtp: sender (default: the connection's)
+
+    @model_validator(mode="after")
+    def _fields_of_type(self) -> NotifierConfig:
+        import importlib.util
+
+        if self.type == "webhook":
+            if bool(self.url) == bool(self.connection_id):
+                raise ValueError("a webhook notifier takes exactly one of 'url' and "
+                                 "'connection_id'")
+            if self.url and not re.match(r"^https?://[^\s/]+", self.url):
+                raise ValueError(f"url: expected an http(s) URL, got {self.url!r}")
+            return self
+        if self.url:
+            raise ValueError(f"url: only for a webhook notifier (type {self.type!r} reads its "
+                             "connection)")
+        if self.type == "smtp" and not self.to:
+            raise ValueError("to: at least one recipient is required for an smtp notifier")
+        if importlib.util.find_spec(f"airflow.providers.{self.type}") is None:
+            raise ValueError(f"type {self.type!r} needs the Airflow provider "
+                             f"{NOTIFIER_PROVIDERS[self.type]}, which is not installed")
+        return self
+
+
+class AlertsConfig(_Strict):
+    """When to alert and where; one alert per change of state and one recovery message."""
+
+    notifiers: list[NotifierConfig] = []
+    # Base URL of the Airflow UI, for the links in messages.
+    ui_base_url: str = "http://localhost:8080"
+    failed_run: bool = True  # contract breaker, credentials, batches left pending
+    # Share of a run's checked rows that went to quarantine above which to alert (None: off).
+    max_quarantine_share: float | None = Field(default=0.05, ge=0.0, le=1.0)
+    # Dead letters (events the platform rejected) in one run above which to alert.
+    max_dead_letters: int | None = Field(default=0, ge=0)
+    # Watermark older than this (behind now) at the end of a run (None: off).
+    max_watermark_lag: Duration | None = None
+
+    @field_validator("ui_base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"expected an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+
 class Config(_Strict):
     """The whole file."""
 
     source: SourceConfig = SourceConfig()
     state: StateConfig = StateConfig()
     contract: ContractConfig = ContractConfig()
+    alerts: AlertsConfig = AlertsConfig()
     destinations: list[DestinationConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
