@@ -26,6 +26,7 @@ from leadsync.destinations import get_destination
 from leadsync.destinations.base import Destination, HttpRequest, Skip, derive_event_id
 from leadsync.destinations.http import HttpClient, encode_event
 from leadsync.faults import crash_point
+from leadsync.monitor.coverage import Coverage
 from leadsync.source import Source, Window, plan_window
 from leadsync.state import (
     DELIVERED,
@@ -442,6 +443,7 @@ class Pipeline:
             crash_point("after_stage_batch")
 
         planner = Planner(self.dest, self.module, now)
+        coverage = Coverage(self.dest.type)  # identifier names per staged event (no values)
         with self.state.heartbeat(self.dest.name, run_id, self.config.state.lease_ttl):
             for chunk in source.stream(window):
                 plans: list[tuple[dict[str, Any], Cursor | None, Planned | Rejected]] = []
@@ -499,6 +501,7 @@ class Pipeline:
                     if not buf.envelopes:
                         buf.prev = prev
                     buf.envelopes.append(plan.stored_envelope())
+                    coverage.add(plan.body)
                     buf.ids.add(event_id)
                     buf.records.append(LedgerRecord(
                         event_id, key[0][:128], key[1][:64], plan.event_name, PENDING, cursor.ts,
@@ -518,6 +521,7 @@ class Pipeline:
         if counts["batches"]:
             self.state.analyze()
         self.state.update_run(run_id, self.dest.name, counts=counts, window_max=last)
+        self.state.add_coverage(self.dest.name, run_id, coverage.events, coverage.keys)
         batch_ids = self.state.pending_batch_ids(self.dest.name)
         log.info("staged %s: %s; %d batch(es) to push", self.dest.name, dict(counts),
                  len(batch_ids))

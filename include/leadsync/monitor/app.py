@@ -125,7 +125,7 @@ def create_app(
                 run["airflow_url"] = run_url(request, dest.dag_id, run["run_id"])
                 page = docs.get(run["run_id"])
                 run["data_docs"] = f"{root}/data-docs/{quote(page)}" if page else None
-            coverage: list[dict[str, Any]] = []
+            coverage = store.run_coverage(dest.name, limit=10)
             view.append({
                 "name": dest.name, "type": dest.type, "dag_id": dest.dag_id,
                 "dag_url": f"{airflow_root(request)}/dags/{dest.dag_id}",

@@ -72,7 +72,8 @@ def last_runs(store: StateStore, destination: str, limit: int = 30) -> list[dict
 def status(store: StateStore, destinations: Sequence[str], now: datetime | None = None,
            runs_limit: int = 5) -> dict[str, Any]:
     """Per destination: the numbers of ``leadsync state show --json`` (same keys, same
-    values), the watermark's lag behind ``now`` in seconds and the last runs."""
+    values), the watermark's lag behind ``now`` in seconds, the last runs and their
+    match-key coverage."""
     now = now or datetime.now(UTC)
     summary = store.summary(destinations)
     result: dict[str, Any] = {}
@@ -80,6 +81,7 @@ def status(store: StateStore, destinations: Sequence[str], now: datetime | None 
         entry = dict(summary[name])
         entry["watermark_lag_seconds"] = _watermark_lag(entry, now)
         entry["last_runs"] = last_runs(store, name, runs_limit)
+        entry["coverage"] = store.run_coverage(name, runs_limit)
         result[name] = entry
     return {"generated_at": now.isoformat(), "destinations": result}
 

@@ -10,7 +10,8 @@ lead_id and stage, and the outbox holds payloads whose identifiers are already h
 The store is one class composed of parts with one job each, all over one engine:
 :mod:`~leadsync.state.schema` (tables, migrations), :mod:`~leadsync.state.leases`,
 :mod:`~leadsync.state.runs` (runs, watermarks), :mod:`~leadsync.state.ledger` (ledger, outbox),
-:mod:`~leadsync.state.quarantine` and :mod:`~leadsync.state.requests`.
+:mod:`~leadsync.state.quarantine`, :mod:`~leadsync.state.requests` and
+:mod:`~leadsync.state.monitoring` (match-key coverage, alert states).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from leadsync.state.model import (
     json_lead_id,
     utcnow,
 )
+from leadsync.state.monitoring import MonitorPart
 from leadsync.state.quarantine import QuarantinePart
 from leadsync.state.requests import RequestPart
 from leadsync.state.runs import RunPart
@@ -48,12 +50,14 @@ from leadsync.state.schema import (
     SCHEMA_VERSION,
     SchemaPart,
     UTCDateTime,
+    alert_states,
     leases,
     ledger,
     metadata,
     outbox,
     platform_requests,
     quarantine,
+    run_coverage,
     runs,
     schema_version,
     watermarks,
@@ -63,12 +67,14 @@ __all__ = [
     "BATCH_DONE", "BATCH_PENDING", "DELIVERED", "EXPIRED", "FAILED", "MIGRATIONS", "PENDING",
     "REEVALUATE", "REQUEST_SENT", "SCHEMA_VERSION", "SKIPPED", "TERMINAL", "Batch", "Cursor",
     "EventOutcome", "LeaseBusyError", "LedgerEntry", "LedgerRecord", "QuarantineRecord",
-    "StateStore", "UTCDateTime", "json_lead_id", "leases", "ledger", "metadata", "outbox",
-    "platform_requests", "quarantine", "runs", "schema_version", "utcnow", "watermarks",
+    "StateStore", "UTCDateTime", "alert_states", "json_lead_id", "leases", "ledger", "metadata",
+    "outbox", "platform_requests", "quarantine", "run_coverage", "runs", "schema_version",
+    "utcnow", "watermarks",
 ]
 
 
-class StateStore(SchemaPart, LeasePart, RunPart, LedgerPart, QuarantinePart, RequestPart):
+class StateStore(SchemaPart, LeasePart, RunPart, LedgerPart, QuarantinePart, RequestPart,
+                 MonitorPart):
     """All reads and writes of leadsync's own state."""
 
     def __init__(self, engine: Engine) -> None:

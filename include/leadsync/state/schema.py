@@ -175,6 +175,31 @@ platform_requests = Table(
 )
 REQUEST_SENT = "SENT"
 
+# Match-key coverage per run: how many of the events a run staged carry each identifier
+# (counts by identifier name only, never a value). Migration 3.
+run_coverage = Table(
+    "ls_run_coverage",
+    metadata,
+    Column("destination", String(64), primary_key=True),
+    Column("run_id", String(250), primary_key=True),
+    Column("events", Integer, nullable=False),
+    Column("key_counts", Text, nullable=False),  # JSON: identifier -> events carrying it
+    Column("recorded_at", UTCDateTime, nullable=False),
+)
+
+# The last alert state per destination and condition: an alert goes out when it changes
+# (firing, then one recovery), never once per run while it lasts. Migration 3.
+alert_states = Table(
+    "ls_alerts",
+    metadata,
+    Column("destination", String(64), primary_key=True),
+    Column("kind", String(32), primary_key=True),
+    Column("status", String(16), nullable=False),  # firing | ok
+    Column("changed_at", UTCDateTime, nullable=False),
+    Column("run_id", String(250)),
+    Column("message", Text),  # the last message sent (counts, rule codes, links)
+)
+
 
 def _migration_1(conn: Connection) -> None:
     metadata.create_all(
@@ -191,8 +216,12 @@ def _migration_2(conn: Connection) -> None:
     )
 
 
+def _migration_3(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[run_coverage, alert_states], checkfirst=True)
+
+
 # Ordered; each entry runs once, in its own transaction, recorded in ls_schema_version.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Postgres advisory lock key that serialises migrators (any constant unique to leadsync).
 _MIGRATION_LOCK = 0x6C65616473796E63  # "leadsync"
