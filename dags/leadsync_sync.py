@@ -17,7 +17,8 @@ One DAG per destination in `include/leadsync.yaml` (dag_id `leadsync_<name>`). E
    and records each event's outcome in the ledger.
 5. **commit_watermark** moves the watermark past terminal rows only and frees the lease; after
    a failed contract check it only frees the lease (the watermark stays). A run that ends
-   green emits an Asset event `leadsync://<name>` with its counts in `extra`.
+   green emits an Asset event `leadsync://<name>` with its counts in `extra`; alerts
+   configured under `alerts:` go out when a condition starts or ends.
 6. **check_requests** (platforms that process asynchronously: Google Data Manager), alongside
    the steps after open_run, looks up the processing status of requests sent by earlier runs
    and records per-batch outcome counts in the state store and the run's counts.
@@ -106,6 +107,7 @@ def build_dag(dest: DestinationConfig) -> DAG:
         def commit_watermark(**context: Any) -> dict[str, Any]:
             from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+            from leadsync.alerts import alert_on_run
             from leadsync.monitor.assets import asset_extra
             from leadsync.tasks import pipeline_for
 
@@ -113,6 +115,7 @@ def build_dag(dest: DestinationConfig) -> DAG:
             if pipeline.state.get_run(context["run_id"], dest.name) is None:
                 raise AirflowSkipException("this run never opened (another run held the lease)")
             summary = pipeline.commit(context["run_id"])
+            alert_on_run(pipeline.config, pipeline.state, dest.name, context["run_id"])
             if summary["status"] in ("contract_failed", "check_failed"):
                 raise AirflowFailException(
                     f"the data contract check of {dest.name} did not pass (see check_contract): "

@@ -1,4 +1,5 @@
-"""Each green sync run emits an Asset event ``leadsync://<destination>`` with its counts."""
+"""Each green sync run emits an Asset event ``leadsync://<destination>`` with its counts, and
+alerts go out from the real DAG once per change of state (to a loopback webhook)."""
 
 from __future__ import annotations
 
@@ -37,8 +38,19 @@ def _asset_events(name: str) -> list[dict[str, Any]]:
     return [dict(r._mapping) for r in rows]
 
 
-def test_each_run_emits_an_asset_event_with_its_counts(sqlite_backend: Backend) -> None:
+def test_each_run_emits_an_asset_event_and_alerts_once(sqlite_backend: Backend,
+                                                       tmp_path: Path) -> None:
+    from leadsync.config import DEFAULT_CONFIG_PATH
+    from tests.unit.test_alerts import Receiver
+
     backend = sqlite_backend
+    receiver = Receiver()
+    config = tmp_path / "leadsync.yaml"
+    # The seeded rows are minutes old: a 1-minute maximum lag is breached on every run.
+    config.write_text(DEFAULT_CONFIG_PATH.read_text() + (
+        f"\nalerts:\n  notifiers:\n    - type: webhook\n      url: {receiver.url}\n"
+        "  max_watermark_lag: 1m\n"))
+    backend.monkeypatch.setenv("LEADSYNC_CONFIG", str(config))
     backend.seed(120)
     before = len(_asset_events("leadsync://meta"))
 
@@ -66,3 +78,9 @@ def test_each_run_emits_an_asset_event_with_its_counts(sqlite_backend: Backend) 
     assert set(extra) == {"delivered", "failed", "expired", "skipped", "quarantined",
                           "watermark", "run_status"}
     assert str(watermark.lead_id) not in json.dumps(extra)
+
+    # One alert for the lag, from the first run only: the second finds it still firing.
+    receiver.close()
+    assert [(m["kind"], m["status"], m["run_id"]) for m in receiver.received] == [
+        ("watermark_lag", "firing", first.run_id)]
+    assert store.alert_state("meta") == {"watermark_lag": "firing"}
