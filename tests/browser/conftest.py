@@ -121,6 +121,7 @@ def api_server(seeded: Seeded, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__TEST_CONNECTION": "Enabled",  # the connection form's "Test" button
     })
     subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True,
                    timeout=600)

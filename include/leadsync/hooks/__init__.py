@@ -83,3 +83,58 @@ class LeadsyncDestinationHook(BaseHook):
             return module.parse_credentials(conn.host, conn.password, extra)
         except CredentialsError as exc:
             raise CredentialsError(f"connection {self.leadsync_conn_id!r}: {exc}") from None
+
+
+class _TypedDestinationHook(LeadsyncDestinationHook):
+    """A destination hook bound to one destination type: the hook of a connection type."""
+
+    destination_type_name = "meta"
+
+    def __init__(self, leadsync_conn_id: str | None = None) -> None:
+        super().__init__(leadsync_conn_id or self.default_conn_name, self.destination_type_name)
+
+    def test_connection(self) -> tuple[bool, str]:
+        """The form's "Test": field check, then a harmless call where the platform has one."""
+        from leadsync.hooks.connections import check_connection
+
+        try:
+            creds = self.credentials
+        except CredentialsError as exc:
+            return False, str(exc)
+        return check_connection(self.leadsync_conn_id, self.destination_type, creds)
+
+
+class LeadsyncMetaHook(_TypedDestinationHook):
+    """Connection type ``leadsync_meta``: Meta Conversions API."""
+
+    conn_type = "leadsync_meta"
+    hook_name = "leadsync: Meta Conversions API"
+    default_conn_name = "leadsync_meta"
+    destination_type_name = "meta"
+
+
+class LeadsyncTikTokHook(_TypedDestinationHook):
+    """Connection type ``leadsync_tiktok``: TikTok Events API."""
+
+    conn_type = "leadsync_tiktok"
+    hook_name = "leadsync: TikTok Events API"
+    default_conn_name = "leadsync_tiktok"
+    destination_type_name = "tiktok"
+
+
+class LeadsyncGoogleDataManagerHook(_TypedDestinationHook):
+    """Connection type ``leadsync_google_datamanager``: Google Data Manager API."""
+
+    conn_type = "leadsync_google_datamanager"
+    hook_name = "leadsync: Google Data Manager API"
+    default_conn_name = "leadsync_google"
+    destination_type_name = "google_datamanager"
+
+
+class LeadsyncGoogleAdsHook(_TypedDestinationHook):
+    """Connection type ``leadsync_google_ads``: Google Ads API click conversions."""
+
+    conn_type = "leadsync_google_ads"
+    hook_name = "leadsync: Google Ads API (click conversions)"
+    default_conn_name = "leadsync_google_ads"
+    destination_type_name = "google_ads"
