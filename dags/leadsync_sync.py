@@ -108,7 +108,7 @@ def build_dag(dest: DestinationConfig) -> DAG:
             from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
             from leadsync.alerts import alert_on_run
-            from leadsync.monitor.assets import asset_extra
+            from leadsync.monitor.assets import asset_extra, log_data_docs_link
             from leadsync.tasks import pipeline_for
 
             pipeline = pipeline_for(dest.name)
@@ -116,6 +116,7 @@ def build_dag(dest: DestinationConfig) -> DAG:
                 raise AirflowSkipException("this run never opened (another run held the lease)")
             summary = pipeline.commit(context["run_id"])
             alert_on_run(pipeline.config, pipeline.state, dest.name, context["run_id"])
+            log_data_docs_link(pipeline.config, dest.name, context["run_id"])
             if summary["status"] in ("contract_failed", "check_failed"):
                 raise AirflowFailException(
                     f"the data contract check of {dest.name} did not pass (see check_contract): "

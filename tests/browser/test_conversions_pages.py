@@ -106,3 +106,10 @@ def test_the_page_sits_inside_the_airflow_ui(api_server: ApiServer, browser: Chr
     assert "Watermark" in frame_text and "tiktok" in frame_text
     assert "Browse" in _text(browser)  # Airflow's own navigation around it
     browser.screenshot(ARTIFACTS / "airflow-ui.png", full_page=False)
+    # The external view is listed in the Browse menu.
+    browser.evaluate("[...document.querySelectorAll('button')]"
+                     ".find(b => b.innerText.trim() == 'Browse').click()")
+    deadline = time.monotonic() + 20
+    while "Conversions" not in _text(browser) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert "Conversions" in _text(browser)

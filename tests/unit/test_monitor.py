@@ -110,3 +110,18 @@ def test_status_and_pages_read_the_state_store(world: World) -> None:
     assert client.get("/data-docs/..%2Fstate.db", headers=ok).status_code == 404
     assert client.get("/data-docs/.results/x.json", headers=ok).status_code == 404
     assert client.get("/", params={"destination": "nope"}, headers=ok).status_code == 404
+
+
+def test_data_docs_pages_are_found_per_destination_and_run(tmp_path: Path) -> None:
+    run_id = "scheduled__2026-11-29T14:00:00+00:00"  # the same run id in two DAGs
+    for dest in ("meta", "tiktok"):
+        page = (tmp_path / "validations" / f"leadsync_{dest}_contract"
+                / "scheduled__2026-11-29T14_00_00_00_00" / "20261129T140001Z" / "w.html")
+        page.parent.mkdir(parents=True)
+        page.write_text("<html></html>")
+    found = status.data_docs_pages(tmp_path, "tiktok", [run_id, "other"])
+    assert found == {run_id: "validations/leadsync_tiktok_contract/"
+                             "scheduled__2026-11-29T14_00_00_00_00/20261129T140001Z/w.html"}
+    link = status.data_docs_link(tmp_path, "tiktok", run_id, "https://airflow.example/")
+    assert link == "https://airflow.example/leadsync/data-docs/" + found[run_id]
+    assert status.data_docs_link(tmp_path, "google", run_id) is None

@@ -179,3 +179,15 @@ def data_docs_pages(docs_dir: Path, destination: str, run_ids: Iterable[str]) ->
         if run_id is not None:
             found[run_id] = page.relative_to(docs_dir).as_posix()
     return found
+
+
+def data_docs_link(docs_dir: Path, destination: str, run_id: str,
+                   base_url: str | None = None) -> str | None:
+    """Where the Conversions app serves the run's Data Docs page (for the task log), or None
+    when the run has none. Relative to the Airflow UI's root without ``base_url``."""
+    from urllib.parse import quote
+
+    page = data_docs_pages(docs_dir, destination, [run_id]).get(run_id)
+    if page is None:
+        return None
+    return f"{(base_url or '').rstrip('/')}/leadsync/data-docs/{quote(page)}"
