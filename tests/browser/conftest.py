@@ -48,8 +48,18 @@ class Seeded:
         return {**os.environ, "AIRFLOW_CONN_LEADSYNC_STATE": conn}
 
 
-@pytest.fixture(scope="session")
-def seeded(tmp_path_factory: pytest.TempPathFactory) -> Seeded:
+@pytest.fixture(scope="package")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the seeded warehouse and state store live (known before they are seeded)."""
+    return tmp_path_factory.mktemp("ui-state")
+
+
+def _state_url(state_dir: Path) -> str:
+    return f"sqlite:///{state_dir / 'state.db'}"
+
+
+@pytest.fixture(scope="package")
+def seeded(state_dir: Path) -> Seeded:
     """Every destination run once against the sandbox; TikTok rejects one event (a dead
     letter); then new rows for Meta while Meta answers 503 (a pending batch)."""
     from leadsync import demo_data
@@ -61,9 +71,8 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Seeded:
     from leadsync.sandbox.server import SandboxServer
     from leadsync.state import StateStore
 
-    tmp = tmp_path_factory.mktemp("ui-state")
-    state_url = f"sqlite:///{tmp / 'state.db'}"
-    warehouse = make_engine(f"sqlite:///{tmp / 'warehouse.db'}")
+    state_url = _state_url(state_dir)
+    warehouse = make_engine(f"sqlite:///{state_dir / 'warehouse.db'}")
     store = StateStore(make_engine(state_url))
     store.migrate()
     config = get_config()
@@ -108,14 +117,16 @@ class ApiServer:
         return str(resp.json()["access_token"])
 
 
-@pytest.fixture(scope="session")
-def api_server(seeded: Seeded, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    """``airflow api-server`` (one worker) on a free loopback port, with the plugin folder."""
+@pytest.fixture(scope="package")
+def api_server(state_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+               request: pytest.FixtureRequest) -> Iterator[ApiServer]:
+    """``airflow api-server`` (one worker) on a free loopback port, with the plugin folder;
+    the state is seeded while it starts (the plugin opens the store on its first request)."""
     tmp = tmp_path_factory.mktemp("api-server")
     passwords = {"admin": secrets.token_urlsafe(12), "viewer": secrets.token_urlsafe(12)}
     password_file = tmp / "passwords.json"
     password_file.write_text(json.dumps(passwords))
-    env = seeded.env()
+    env = Seeded(_state_url(state_dir), {}).env()
     env.update({
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
@@ -123,16 +134,16 @@ def api_server(seeded: Seeded, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
         "AIRFLOW__CORE__TEST_CONNECTION": "Enabled",  # the connection form's "Test" button
     })
-    subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True,
-                   timeout=600)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = tmp / "api-server.log"
+    command = (f'"{AIRFLOW}" db migrate && exec "{AIRFLOW}" api-server -H 127.0.0.1 '
+               f"-p {port} -w 1")
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [AIRFLOW, "api-server", "-H", "127.0.0.1", "-p", str(port), "-w", "1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(["/bin/sh", "-c", command], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        request.getfixturevalue("seeded")
         deadline = time.monotonic() + 240
         while True:
             if proc.poll() is not None:
