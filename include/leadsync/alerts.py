@@ -6,7 +6,10 @@ Conditions, per destination (thresholds in the config's ``alerts:`` section):
   pending: platform outage, bad credentials);
 - ``quarantine_share``: the share of the run's checked rows that went to quarantine;
 - ``dead_letters``: events the platform rejected in the run;
-- ``watermark_lag``: how far the watermark trails now once the run is committed.
+- ``watermark_lag``: how far the watermark trails now once the run is committed;
+- ``platform_errors``: where the platform reports processing feedback later (Data Manager
+  request status), the share of the records it processed in the last 24 h that it reports as
+  errors.
 
 The last state of each condition is kept in the state store (``ls_alerts``): an alert goes
 out when a condition starts (``firing``) and a recovery message when it ends, never once per
@@ -88,7 +91,8 @@ def _codes(counts: Mapping[str, Any], prefix: str) -> str:
 
 def conditions(cfg: AlertsConfig, run: Mapping[str, Any], pending_batches: int,
                dead_letter_reasons: Mapping[str, int], watermark_ts: datetime | None,
-               now: datetime) -> list[Condition]:
+               now: datetime,
+               platform_records: Mapping[str, int] | None = None) -> list[Condition]:
     """The conditions ``cfg`` watches, measured on one committed run (pure).
 
     A condition that cannot be measured on this run (no rows checked, no watermark yet) is
@@ -129,6 +133,17 @@ def conditions(cfg: AlertsConfig, run: Mapping[str, Any], pending_batches: int,
             "watermark_lag", lag > cfg.max_watermark_lag,
             f"the watermark is {_duration(lag)} behind now (maximum "
             f"{_duration(cfg.max_watermark_lag)})"))
+    records = platform_records or {}
+    processed = sum(int(v) for k, v in records.items()
+                    if k == "ingested" or k.startswith("error."))
+    if cfg.max_platform_error_share is not None and processed:
+        errors = sum(int(v) for k, v in records.items() if k.startswith("error."))
+        share = errors / processed
+        found.append(Condition(
+            "platform_errors", share > cfg.max_platform_error_share,
+            f"the platform reports {errors} of {processed} records processed in the last 24 h "
+            f"as errors ({share:.1%}, threshold {cfg.max_platform_error_share:.1%}); reasons: "
+            f"{_codes(records, 'error.')}"))
     return found
 
 
@@ -237,6 +252,21 @@ def _dead_letter_reasons(store: StateStore, destination: str, run_id: str) -> di
         return {str(reason or "unknown"): int(n) for reason, n in rows}
 
 
+def _platform_records(store: StateStore, destination: str, now: datetime) -> dict[str, int]:
+    """Record counts by outcome (``ingested``, ``error.<REASON>``, …) that the platform
+    reported for this destination's requests checked in the last 24 h."""
+    tally: dict[str, int] = {}
+    since = now - timedelta(hours=24)
+    for request in store.request_rows(destination):
+        checked = request.get("checked_at")
+        if not request.get("done") or checked is None or checked < since:
+            continue
+        for per_destination in (request.get("counts") or {}).values():
+            for key, n in dict(per_destination).items():
+                tally[key] = tally.get(key, 0) + int(n)
+    return tally
+
+
 def _links(cfg: AlertsConfig, dag_id: str, destination: str, run_id: str,
            kind: str) -> dict[str, str]:
     base = cfg.ui_base_url
@@ -267,7 +297,9 @@ def check_run(config: Config, store: StateStore, destination: str, run_id: str,
     watermark = store.get_watermark(destination)
     measured = conditions(cfg, run, len(store.pending_batch_ids(destination)),
                           _dead_letter_reasons(store, destination, run_id),
-                          watermark.ts if watermark else None, now)
+                          watermark.ts if watermark else None, now,
+                          _platform_records(store, destination, now)
+                          if cfg.max_platform_error_share is not None else None)
     dag_id = config.destination(destination).dag_id
     sent = []
     for cond, status in transitions(store.alert_state(destination), measured):

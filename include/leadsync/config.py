@@ -354,6 +354,9 @@ class AlertsConfig(_Strict):
     max_dead_letters: int | None = Field(default=0, ge=0)
     # Watermark older than this (behind now) at the end of a run (None: off).
     max_watermark_lag: Duration | None = None
+    # Where the platform reports processing feedback later (Data Manager request status):
+    # share of the records it processed in the last 24 h that it reports as errors (None: off).
+    max_platform_error_share: float | None = Field(default=None, ge=0.0, le=1.0)
 
     @field_validator("ui_base_url")
     @classmethod

@@ -143,6 +143,39 @@ def test_conditions_measure_thresholds() -> None:
         "watermark_lag": True}
     assert "bad_currency=11" in found["quarantine_share"].text
     assert "2804008=2" in found["dead_letters"].text
+    feedback = AlertsConfig(max_platform_error_share=0.02)
+    reported = {"ingested": 95, "error.INVALID_FORMAT": 4, "error.DECRYPTION_ERROR": 1,
+                "warning.X": 7}
+    platform = next(c for c in alerts.conditions(feedback, run, 0, {}, None, now, reported)
+                    if c.kind == "platform_errors")
+    assert platform.breached and "5 of 100 records" in platform.text
+    assert "INVALID_FORMAT=4" in platform.text
+    assert not next(c for c in alerts.conditions(
+        feedback, run, 0, {}, None, now, {"ingested": 99, "error.INVALID_FORMAT": 1})
+        if c.kind == "platform_errors").breached
     # Nothing checked, no watermark yet: those conditions are not measured (state kept).
     quiet = alerts.conditions(cfg, {"status": "success", "counts": {}}, 0, {}, None, now)
     assert {c.kind for c in quiet} == {"failed_run", "dead_letters"}
+
+
+def test_platform_feedback_from_request_status_alerts(world: World, receiver: Receiver) -> None:
+    from sqlalchemy import insert
+
+    from leadsync.state import platform_requests
+
+    world.pipeline().run("run-1")
+    now = datetime.now(UTC)
+    with world.store.engine.begin() as conn:  # a request a platform processes later
+        conn.execute(insert(platform_requests).values(
+            destination="meta", request_id="req-1", run_id="run-0", n_events=100,
+            sent_at=now - timedelta(hours=1), status="SENT", done=0, checks=0,
+            next_check_at=now))
+    world.store.record_request_status(
+        "meta", "req-1", status="PARTIAL_SUCCESS", done=True, next_check_at=now,
+        counts={"1000000001": {"ingested": 90, "error.INVALID_FORMAT": 10}})
+    config = world.config.model_copy(update={"alerts": world.config.alerts.model_copy(
+        update={"max_platform_error_share": 0.05})})
+    sent = alerts.check_run(config, world.store, "meta", "run-1")
+    assert [(a.kind, a.status) for a in sent] == [("platform_errors", "firing")]
+    assert "10 of 100 records" in receiver.received[-1]["text"]
+    assert "INVALID_FORMAT=10" in receiver.received[-1]["text"]

@@ -62,7 +62,8 @@ nav a{margin-right:12px} table{border-collapse:collapse;margin:8px 0 16px}
 td,th{border:1px solid #ddd;padding:3px 8px;font-size:13px;text-align:left}
 th{background:#f5f5f5} td.links{white-space:nowrap}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
-section{border:1px solid #e0e0e0;border-radius:6px;padding:8px 14px;margin:12px 0}
+section{border:1px solid #e0e0e0;border-radius:6px;padding:8px 14px;margin:12px 0;
+overflow-x:auto}
 .status-success{color:#2e7d32}
 .status-partial,.status-contract_failed,.status-check_failed{color:#c62828}
 .legend span{display:inline-block;margin-right:10px;font-size:12px}
