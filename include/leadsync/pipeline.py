@@ -50,6 +50,9 @@ RUN_RUNNING = "running"
 RUN_CHECKING = "checking"
 RUN_CONTRACT_FAILED = "contract_failed"
 RUN_CHECK_FAILED = "check_failed"
+# ls_runs counter of identifiers the check found unusable (left out of their events, the rows
+# sent on their other match keys), with one ``identifiers_dropped.<column>.<rule>`` each.
+IDENTIFIERS_DROPPED = "identifiers_dropped"
 
 
 # One of these is built per row: msgspec structs build in a third of a NamedTuple's time.
@@ -151,11 +154,17 @@ class Planner:
                 skip = self._check_event(body, dest)
                 if skip is None:
                     return Planned(event_id, event_name, event_time, body)
+                if skip.reason == _NO_MATCH_KEYS:
+                    # What the contract quarantines too (rows committed after the check, or
+                    # keys only the module can judge, such as a malformed fbc).
+                    return Rejected(_NO_MATCH_KEYS, "quarantined", _NO_MATCH_KEYS_DETAIL)
         return Rejected(skip.reason, EXPIRED if skip.expired else SKIPPED, "", event_id,
                         event_name, event_time)
 
 
 _TOO_OLD = Skip("event_too_old", expired=True)
+_NO_MATCH_KEYS = "no_match_keys"
+_NO_MATCH_KEYS_DETAIL = "no match key the destination needs holds a usable value"
 
 
 def plan_row(
@@ -340,8 +349,13 @@ class Pipeline:
                   **{f"quarantined.{rule}": n for rule, n in report.quarantined.items()}}
         if report.outside_window_rows:
             counts["checked_outside_window"] = report.outside_window_rows
+        if report.identifiers_dropped:
+            counts[IDENTIFIERS_DROPPED] = sum(report.identifiers_dropped.values())
+            counts.update({f"{IDENTIFIERS_DROPPED}.{k}": n
+                           for k, n in report.identifiers_dropped.items()})
         self.state.set_run_counts(run_id, self.dest.name, counts,
-                                  replace_prefixes=("quarantined.", "checked_outside_window"))
+                                  replace_prefixes=("quarantined.", "checked_outside_window",
+                                                    IDENTIFIERS_DROPPED))
         if not report.passed:
             self.state.update_run(run_id, self.dest.name, status=RUN_CONTRACT_FAILED)
             log.error("%s", report.describe())
@@ -519,9 +533,15 @@ class Pipeline:
             self.state.analyze()
         self.state.update_run(run_id, self.dest.name, counts=counts, window_max=last)
         batch_ids = self.state.pending_batch_ids(self.dest.name)
+        # The identifiers this run's events go without (counted by the check, which judged
+        # them with the same normalisation): reported here too, not added to the run twice.
+        dropped = {k: v for k, v in run["counts"].items() if k.startswith(IDENTIFIERS_DROPPED)}
         log.info("staged %s: %s; %d batch(es) to push", self.dest.name, dict(counts),
                  len(batch_ids))
-        return {"batch_ids": batch_ids, "counts": dict(counts)}
+        if dropped:
+            log.warning("staged %s without unusable identifiers (the rows are sent on their "
+                        "other match keys): %s", self.dest.name, dropped)
+        return {"batch_ids": batch_ids, "counts": {**counts, **dropped}}
 
     def push(self, run_id: str, batch_id: str, client: HttpClient | None = None) -> dict[str, int]:
         """Sends one outbox batch and records each event's outcome."""
