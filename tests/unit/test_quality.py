@@ -23,6 +23,7 @@ from sqlalchemy import create_engine, text
 from leadsync import quality
 from leadsync.config import Config, ConfigError, parse_config
 from leadsync.destinations import get_destination
+from leadsync.destinations.base import derive_event_id
 from leadsync.pipeline import Pipeline, render_requests
 from leadsync.quality import (
     RULES,
@@ -625,6 +626,50 @@ def test_fixed_row_is_resolved_and_staged_by_the_next_run(tmp_path: Path,
     assert staged["counts"]["staged"] == 1 and staged["counts"]["quarantine_resolved"] == 1
     pipeline.commit("r2")
     assert pipeline.state.summary(["meta"])["meta"]["quarantined"] == 0
+
+
+def test_a_bad_identifier_is_dropped_and_counted_the_row_sent_on_its_other_keys(
+    tmp_path: Path, query_file: Path
+) -> None:
+    from leadsync.hashing import sha256_hex
+
+    pipeline = _pipeline(tmp_path, query_file)
+    digest = sha256_hex("hashed.lead@example.com")
+    base = {c: None for c in WAREHOUSE_COLUMNS} | {
+        "stage": "qualified", "event_time": NOW - timedelta(hours=2),
+        "updated_at": NOW - timedelta(hours=1), "country": "US"}
+    rows = [
+        {**base, "lead_id": "BAD-EMAIL-GOOD-PHONE", "email": "anna.smith(at)example.com",
+         "phone": "+1 (650) 555-0142"},
+        {**base, "lead_id": "UPPER-DIGEST", "email": digest.upper()},
+        {**base, "lead_id": "BAD-EMAIL-ONLY", "email": "anna.smith(at)example.com"},
+    ]
+    with pipeline.warehouse.begin() as conn:
+        conn.execute(text(f"INSERT INTO raw_leads VALUES "
+                          f"({', '.join(':' + c for c in WAREHOUSE_COLUMNS)})"), rows)
+    pipeline.open_run("r1")
+    report = pipeline.check("r1")
+    assert report["quarantined"] == {"no_match_keys": 1}
+    assert report["identifiers_dropped"] == {"email.bad_email": 2}
+    pipeline.check("r1")  # a retried check counts afresh, not twice
+    counts = pipeline.state.get_run("r1", "meta")["counts"]
+    assert counts["identifiers_dropped"] == 2 and counts["identifiers_dropped.email.bad_email"] == 2
+    assert counts["quarantined.no_match_keys"] == 1
+    staged = pipeline.stage("r1")
+    assert staged["counts"]["staged"] == 2
+    assert staged["counts"]["identifiers_dropped.email.bad_email"] == 2
+    users = {}
+    for batch_id in staged["batch_ids"]:
+        batch = pipeline.state.load_batch(batch_id)
+        assert batch is not None
+        users.update({e["event_id"]: e["body"]["user_data"] for e in batch.events})
+    phone_only = users[derive_event_id("BAD-EMAIL-GOOD-PHONE", "qualified")]
+    assert phone_only["ph"] == sha256_hex("16505550142") and "em" not in phone_only
+    assert users[derive_event_id("UPPER-DIGEST", "qualified")]["em"] == digest  # lower-cased
+    assert pipeline.state.open_quarantine_keys("meta") == {("BAD-EMAIL-ONLY", "qualified")}
+    pipeline.commit("r1")
+    run = pipeline.state.get_run("r1", "meta")["counts"]
+    assert run["identifiers_dropped.email.bad_email"] == 2  # not added to by stage or commit
 
 
 def test_stage_refuses_and_commit_keeps_the_watermark_after_a_violation(

@@ -62,6 +62,7 @@ IDENTIFIER_RULES = TIKTOK_RULES
 MATCH_KEY_GROUPS: tuple[tuple[str, ...], ...] = (
     ("email",), ("phone",), ("external_id",), ("ttclid",), ("ttp",), ("tiktok_lead_id",),
     ("client_ip", "user_agent"))
+
 # build_request puts the events in the body as they are: push hands it the events' stored
 # JSON (msgspec.Raw) instead of decoding the outbox and encoding it again.
 RAW_EVENT_BODIES = True
