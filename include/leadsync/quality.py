@@ -10,10 +10,14 @@ How it runs (one run of one destination, :class:`ContractSession`):
 1. **Structure**: the source query's column names (a zero-row query) against the required
    columns (``expect_column_to_exist``). A missing column stops the run before any row is read.
 2. **Rows**, streamed: rows are projected, as they arrive, onto the few columns the rules look
-   at (timestamps parsed, blanks as nulls, the presence of match keys counted; other
-   identifiers are dropped) and validated by GX in batches of ``contract.batch_rows``, so
-   memory stays flat. GX's ``unexpected_index_list`` names the failing rows; a row's reason is
-   the first rule it breaks, in the order of :data:`RULES`.
+   at (timestamps parsed, blanks as nulls, each identifier the destination sends judged usable
+   or not by its own normalisation, usable match keys counted; no raw identifier is kept) and
+   validated by GX in batches of ``contract.batch_rows``, so memory stays flat. GX's
+   ``unexpected_index_list`` names the failing rows; a row's reason is the first rule it
+   breaks, in the order of :data:`RULES`. Identifier rules (``bad_email``, ``bad_phone``,
+   ``bad_country``) are expectations of severity ``warning``: an unusable identifier is left
+   out of the event and counted (:attr:`ContractReport.identifiers_dropped`), the row is not
+   quarantined unless no usable match key is left (``no_match_keys``).
 3. **Window-level facts** that a batch cannot see are pushed down to the warehouse: the number
    of rows sharing each (lead_id, stage) in the whole window (one ``GROUP BY``), which GX then
    checks per row; and rows whose ``updated_at`` is null, which the incremental window can never
@@ -646,7 +650,7 @@ _GX_CONTEXTS: dict[str, Any] = {}
 _RESULT_FORMAT = {"result_format": "COMPLETE", "return_unexpected_index_query": False,
                   "partial_unexpected_count": 0}
 # Only counts survive into stored results and Data Docs: every unexpected *value* is dropped
-# (the email column holds raw identifiers, lead ids are the CRM's).
+# (lead ids are the CRM's; identifiers are projected as verdicts, never as values).
 _KEPT_RESULT_KEYS = ("element_count", "unexpected_count", "unexpected_percent", "missing_count",
                      "missing_percent", "unexpected_percent_total",
                      "unexpected_percent_nonmissing")
