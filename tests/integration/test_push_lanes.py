@@ -204,3 +204,23 @@ def test_a_later_run_takes_an_earlier_runs_claims_at_once(tmp_path: Path, sandbo
     assert store.pending_batch_ids("meta") == []
     assert pipeline.commit("new")["status"] == "success"
     assert _stats(world)["duplicate_events"] == 0
+
+
+def test_a_red_run_names_the_lanes_that_failed(
+        tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+        sandbox: Any, airflow_db: None, capfd: pytest.CaptureFixture[str]) -> None:
+    backend: Backend = make_backend("sqlite", tmp_path, request, monkeypatch, sandbox)
+    path = tmp_path / "leadsync.yaml"
+    path.write_text(json.dumps(lane_config(batch_size=50, lease_ttl="5m")))
+    monkeypatch.setenv("LEADSYNC_CONFIG", str(path))
+    backend.seed(40)
+    backend.fault({"kind": "graph_error", "code": 190, "is_transient": False,
+                   "message": "Invalid OAuth access token", "http_status": 400, "times": 10})
+    capfd.readouterr()
+
+    dr = backend.run_dag()
+
+    assert str(getattr(dr.state, "value", dr.state)) == "failed"
+    out, err = capfd.readouterr()
+    assert "push_lane_0, push_lane_1 failed (see its log)" in out + err
+    assert "stage_events failed" not in out + err
