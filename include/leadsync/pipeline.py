@@ -568,7 +568,8 @@ class Pipeline:
         totals: Counter[str] = Counter()
         try:
             with self.state.heartbeat(self.dest.name, run_id, ttl,
-                                      also=lambda: self.state.renew_claims(holder, ttl)):
+                                      also=lambda: self.state.renew_claims(self.dest.name, holder,
+                                                                     ttl)):
                 while True:
                     if totals["batches"]:
                         crash_point("between_batches")

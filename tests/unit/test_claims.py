@@ -48,7 +48,7 @@ def test_an_expired_claim_is_free_and_a_renewed_one_is_not(store: StateStore) ->
     assert store.claim_batch(DEST, "r1", "live lane", short) is not None
     for _ in range(3):
         time.sleep(0.15)
-        assert store.renew_claims("live lane", short) == 1
+        assert store.renew_claims(DEST, "live lane", short) == 1
     # 450 ms: the dead lane's claim expired, the live lane's did not.
     taken = store.claim_batch(DEST, "r1", "next lane", HOUR)
     assert taken is not None and taken.batch_id == "b1"

@@ -111,12 +111,13 @@ class OutcomePart(StorePart):
             prev_cursor=_cursor_from_json(row.prev_cursor),
         )
 
-    def renew_claims(self, holder: str, ttl: timedelta) -> int:
+    def renew_claims(self, destination: str, holder: str, ttl: timedelta) -> int:
         """Pushes the expiry of ``holder``'s claims forward; returns how many it holds."""
         with self.engine.begin() as conn:
             return conn.execute(
                 update(outbox)
-                .where(outbox.c.claimed_by == holder, outbox.c.status == BATCH_PENDING)
+                .where(outbox.c.destination == destination, outbox.c.status == BATCH_PENDING,
+                       outbox.c.claimed_by == holder)
                 .values(claimed_until=utcnow() + ttl)
             ).rowcount
 
