@@ -567,9 +567,10 @@ class Pipeline:
         sender = BatchSender(self.module, creds, self.dest, http, sleep=self.sleep or time.sleep)
         totals: Counter[str] = Counter()
         try:
-            with self.state.heartbeat(self.dest.name, run_id, ttl,
-                                      also=lambda: self.state.renew_claims(self.dest.name, holder,
-                                                                     ttl)):
+            def renew() -> None:
+                self.state.renew_claims(self.dest.name, holder, ttl)
+
+            with self.state.heartbeat(self.dest.name, run_id, ttl, also=renew):
                 while True:
                     if totals["batches"]:
                         crash_point("between_batches")
