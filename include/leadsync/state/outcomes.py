@@ -15,19 +15,8 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    String,
-    Text,
-    and_,
-    bindparam,
-    case,
-    column,
-    literal,
-    or_,
-    select,
-    update,
-    values,
-)
+from sqlalchemy import Text, and_, bindparam, case, func, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
 from leadsync.state.ledger import _decode_events, _encode_events
@@ -46,7 +35,7 @@ from leadsync.state.model import (
 from leadsync.state.runs import _update_run
 from leadsync.state.schema import UTCDateTime, ledger, outbox
 
-# Ledger rows per statement when outcomes are written (4 parameters each on Postgres).
+# Ledger rows per statement when outcomes are written.
 _OUTCOME_CHUNK = 2000
 
 
@@ -197,26 +186,35 @@ class OutcomePart(StorePart):
 
 def _write_outcomes(conn: Connection, destination: str, outcomes: Mapping[str, EventOutcome],
                     now: datetime) -> None:
-    """Ledger status, reason and detail of each event: a set operation, not a statement
-    per event (Postgres: ``UPDATE … FROM (VALUES …)``; SQLite: one executemany)."""
+    """Ledger status, reason and detail of each event: a set operation by primary key, not a
+    statement per event (Postgres: ``UPDATE … FROM unnest(arrays)``; SQLite: executemany)."""
     if not outcomes:
         return
-    rows = [(event_id, o.status, o.reason, o.detail) for event_id, o in outcomes.items()]
     stamp = literal(now, UTCDateTime())
     if conn.dialect.name == "postgresql":
-        for start in range(0, len(rows), _OUTCOME_CHUNK):
-            part = rows[start : start + _OUTCOME_CHUNK]
-            v = values(column("event_id", String), column("status", String),
-                       column("reason", String), column("detail", Text),
-                       name="v").data(part)
-            conn.execute(
-                update(ledger)
-                .where(ledger.c.destination == destination, ledger.c.event_id == v.c.event_id)
-                .values(status=v.c.status, reason=v.c.reason, detail=v.c.detail,
-                        updated_at=now, attempts=ledger.c.attempts + 1,
-                        delivered_at=case((v.c.status == DELIVERED, stamp),
-                                          else_=ledger.c.delivered_at))
-            )
+        # Four array parameters, not a VALUES list: the statement compiles once (a 1,000-row
+        # VALUES took 0.3 s to compile), and unnest's small row estimate keeps the planner on
+        # the primary key instead of hashing the whole ledger (measured 55 ms vs 200-450 ms
+        # per 1,000 events on a 200k-row ledger).
+        v = func.unnest(
+            bindparam("b_ids", type_=ARRAY(Text)), bindparam("b_statuses", type_=ARRAY(Text)),
+            bindparam("b_reasons", type_=ARRAY(Text)), bindparam("b_details", type_=ARRAY(Text)),
+        ).table_valued("event_id", "status", "reason", "detail").render_derived(name="v")
+        stmt = (
+            update(ledger)
+            .where(ledger.c.destination == destination, ledger.c.event_id == v.c.event_id)
+            .values(status=v.c.status, reason=v.c.reason, detail=v.c.detail, updated_at=now,
+                    attempts=ledger.c.attempts + 1,
+                    delivered_at=case((v.c.status == DELIVERED, stamp),
+                                      else_=ledger.c.delivered_at))
+        )
+        items = list(outcomes.items())
+        for start in range(0, len(items), _OUTCOME_CHUNK):
+            part = items[start : start + _OUTCOME_CHUNK]
+            conn.execute(stmt, {"b_ids": [e for e, _ in part],
+                                "b_statuses": [o.status for _, o in part],
+                                "b_reasons": [o.reason for _, o in part],
+                                "b_details": [o.detail for _, o in part]})
         return
     stmt = (
         update(ledger)
@@ -228,5 +226,6 @@ def _write_outcomes(conn: Connection, destination: str, outcomes: Mapping[str, E
                 delivered_at=case((bindparam("b_status") == DELIVERED, stamp),
                                   else_=ledger.c.delivered_at))
     )
-    conn.execute(stmt, [{"b_dest": destination, "b_event": e, "b_status": s, "b_reason": r,
-                         "b_detail": d} for e, s, r, d in rows])
+    conn.execute(stmt, [{"b_dest": destination, "b_event": e, "b_status": o.status,
+                         "b_reason": o.reason, "b_detail": o.detail}
+                        for e, o in outcomes.items()])
