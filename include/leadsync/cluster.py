@@ -199,6 +199,8 @@ class Cluster:
             "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "21600",
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(ports["trigger_logs"]),
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            # Calls from tasks to the API server: a busy machine answers slower than 5 s.
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
             **{k: v for k, v in sandbox_connections(self.sandbox_url_from(rec)).items()},
             "AIRFLOW_CONN_LEADSYNC_STATE": state_conn,
         }
@@ -331,7 +333,7 @@ class Cluster:
         old = self.recorded()
         rec: dict[str, Any] = {
             "fernet_key": old.get("fernet_key") or _fernet_key(),
-            "jwt_secret": old.get("jwt_secret") or secrets.token_urlsafe(32),
+            "jwt_secret": old.get("jwt_secret") or secrets.token_urlsafe(64),
             "api_secret": old.get("api_secret") or secrets.token_urlsafe(32),
             "ports": {"api": free_port(), "sandbox": free_port(), "trigger_logs": free_port(),
                       **{f"worker{i}_logs": free_port() for i in range(1, self.workers + 1)}},
@@ -349,10 +351,8 @@ class Cluster:
             self._spawn(rec, "sandbox", [sys.executable, "-m", "leadsync.cli", "sandbox",
                                          "--port", str(rec["ports"]["sandbox"]),
                                          "--store", str(self.home / "sandbox.db")], env)
-            for name, args in (("api-server", ["api-server"]), ("scheduler", ["scheduler"]),
-                               ("dag-processor", ["dag-processor"]),
-                               ("triggerer", ["triggerer"])):
-                self._spawn(rec, name, ["airflow", *args], env)
+            for name in ("api-server", "dag-processor", "triggerer"):
+                self._spawn(rec, name, ["airflow", name], env)
             for i in range(1, self.workers + 1):
                 name = f"worker{i}"
                 wenv = {**env,
@@ -366,6 +366,8 @@ class Cluster:
                                         f"{name}-{self.ident}@%h", "--without-mingle",
                                         "--without-gossip"], wenv)
             self._wait_healthy(rec, timeout, say)
+            # Tasks are dispatched only once the API server they report to answers.
+            self._spawn(rec, "scheduler", ["airflow", "scheduler"], env)
             if pools.wait(timeout=timeout) != 0:
                 raise ClusterError("setting the pools failed:\n"
                                    + _tail(self.log_dir / "pools.log"))
@@ -435,7 +437,7 @@ class Cluster:
         except requests.RequestException:
             return False
 
-    def stop(self, timeout: float = 30.0, out: Any = None) -> list[str]:
+    def stop(self, timeout: float = 15.0, out: Any = None) -> list[str]:
         """Stops exactly the processes the last ``start`` recorded (their whole trees), and
         returns their names; a cluster that is not running is left as it is."""
         say = _printer(out)
