@@ -138,7 +138,14 @@ def _config(path: Path) -> Path:
 
     raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     meta = next(d for d in raw["destinations"] if d["name"] == "meta")
-    raw["destinations"] = [{**meta, "batch_size": 40}]
+    meta = {**meta, "batch_size": 40}
+    from leadsync.config import DestinationConfig
+
+    if "push_lanes" in DestinationConfig.model_fields:
+        meta["push_lanes"] = 4  # as many push tasks as the two workers have slots
+    raw["destinations"] = [meta]
+    # A dead worker's lease (and batch claim) expires within half a minute, not five.
+    raw["state"]["lease_ttl"] = "30s"
     raw["source"]["settle_lag"] = "5s"
     # The contract is not what this test is about and its Great Expectations import costs half
     # a minute a run on a busy machine; check_contract still runs, as a no-op.
