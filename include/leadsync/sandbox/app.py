@@ -37,12 +37,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 #: Modules that define a platform emulator (each exposes ``PLATFORM: PlatformSpec``).
 PLATFORM_MODULES: tuple[str, ...] = (
+    # Snap's /v3/{pixel}/events is mounted before Meta's /{version}/{pixel}/events, which
+    # would otherwise answer it with "invalid API version" (routes match in mount order).
+    "leadsync.sandbox.snapchat",
     "leadsync.sandbox.meta",
     "leadsync.sandbox.tiktok",
     "leadsync.sandbox.google_datamanager",
     "leadsync.sandbox.google_ads",
     "leadsync.sandbox.linkedin",
-    "leadsync.sandbox.snapchat",
 )
 
 _ONE_DAY = 24 * 3600
