@@ -93,6 +93,9 @@ LINKEDIN_RULES: Final = Ruleset(
     "linkedin", (value_rule(ID_SHA256_EMAIL, "email", normalize_email),)
 )
 
+#: The rules the events are built with (the data contract judges identifiers by them).
+IDENTIFIER_RULES: Final = LINKEDIN_RULES
+
 _VERSION_RE = re.compile(r"^20\d{2}(0[1-9]|1[0-2])$")
 _RULE_ID_RE = re.compile(r"^\d{1,20}$")
 # li_fat_id: LinkedIn's first-party click id (a UUID-like token); anything with whitespace or

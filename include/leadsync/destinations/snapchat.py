@@ -121,6 +121,9 @@ SNAPCHAT_RULES: Final = Ruleset(
     ),
 )
 
+#: The rules the events are built with (the data contract judges identifiers by them).
+IDENTIFIER_RULES: Final = SNAPCHAT_RULES
+
 _PIXEL_RE = re.compile(r"^[A-Za-z0-9-]{8,64}$")
 _RAW_ID_RE = re.compile(r"^[\x21-\x7e]{1,512}$")  # printable, no spaces
 
