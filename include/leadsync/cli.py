@@ -24,6 +24,9 @@ SANDBOX_TIKTOK_TOKEN = "sandbox-tiktok-token"  # noqa: S105 - the local emulator
 SANDBOX_TIKTOK_CRM_EVENT_SET = "SANDBOXCRM00000000001"
 SANDBOX_TIKTOK_PIXEL = "SANDBOXPIXEL000000001"
 SANDBOX_GOOGLE_TOKEN = "sandbox-google-token"  # noqa: S105 - a static bearer, no OAuth
+SANDBOX_LINKEDIN_TOKEN = "sandbox-linkedin-token"  # noqa: S105 - the local emulator's token
+SANDBOX_SNAPCHAT_TOKEN = "sandbox-snapchat-token"  # noqa: S105 - the local emulator's token
+SANDBOX_SNAPCHAT_PIXEL = "5a9d5a9d-0000-4000-8000-000000000001"
 
 
 class CliError(RuntimeError):
@@ -98,6 +101,12 @@ def sandbox_connection(dest: Any, url: str) -> dict[str, Any]:
     if dest.type in ("google_datamanager", "google_ads"):
         # A static token: the sandbox stands in for Google, no OAuth endpoint is contacted.
         return {"conn_type": "http", "host": url, "extra": {"access_token": SANDBOX_GOOGLE_TOKEN}}
+    if dest.type == "linkedin":
+        return {"conn_type": "http", "host": url, "password": SANDBOX_LINKEDIN_TOKEN,
+                "extra": {}}
+    if dest.type == "snapchat":
+        return {"conn_type": "http", "host": url, "password": SANDBOX_SNAPCHAT_TOKEN,
+                "extra": {"pixel_id": SANDBOX_SNAPCHAT_PIXEL}}
     raise CliError(f"destination {dest.name!r}: no sandbox for type {dest.type!r}")
 
 
@@ -167,6 +176,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stats = _sandbox_stats(sandbox.url)
     print()
     _print_demo_summary(results, stats)
+    print("\nSee these runs, their task logs and the DAGs in the Airflow UI: `make ui`. "
+          "On the CeleryExecutor with a scheduler and two workers: `make cluster`.")
     return 1 if any(r[3] for r in results) else 0
 
 
@@ -309,6 +320,8 @@ def _render_credentials(dest: Any) -> Any:
             # Never used to mint anything: render sends nothing and masks auth headers.
             "google_datamanager": (None, {"access_token": "placeholder"}),
             "google_ads": (None, {"access_token": "placeholder"}),
+            "linkedin": ("placeholder", {}),
+            "snapchat": ("placeholder", {"pixel_id": SANDBOX_SNAPCHAT_PIXEL}),
         }
         password, extra = placeholders[dest.type]
         return module.parse_credentials(None, password, extra)
@@ -336,6 +349,9 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
                         tiktok_event_sources={SANDBOX_TIKTOK_CRM_EVENT_SET,
                                               SANDBOX_TIKTOK_PIXEL},
                         google_tokens={SANDBOX_GOOGLE_TOKEN},
+                        linkedin_tokens={SANDBOX_LINKEDIN_TOKEN},
+                        snapchat_tokens={SANDBOX_SNAPCHAT_TOKEN},
+                        snapchat_pixels={SANDBOX_SNAPCHAT_PIXEL},
                         store_path=args.store)
     google = sorted(cfg.google_conversion_actions)
     print(f"sandbox on http://{args.host}:{args.port}\n"
@@ -344,7 +360,11 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
           f"{SANDBOX_TIKTOK_CRM_EVENT_SET} (CRM), {SANDBOX_TIKTOK_PIXEL} (pixel)\n"
           f"  Google (Data Manager, Ads API): bearer {SANDBOX_GOOGLE_TOKEN!r}, customers "
           f"{', '.join(sorted(cfg.google_customers))}, conversion actions "
-          f"{', '.join(google)}", flush=True)
+          f"{', '.join(google)}\n"
+          f"  LinkedIn: bearer {SANDBOX_LINKEDIN_TOKEN!r}, conversion rules "
+          f"{', '.join(sorted(cfg.linkedin_conversion_rules))}\n"
+          f"  Snapchat: token {SANDBOX_SNAPCHAT_TOKEN!r}, pixel {SANDBOX_SNAPCHAT_PIXEL}",
+          flush=True)
     serve(host=args.host, port=args.port, config=cfg)
     return 0
 

@@ -1,7 +1,8 @@
 """The data contract: a Great Expectations suite built in code, row quarantine, a breaker.
 
-The contract is the source contract of ``shared/design.md`` as a GX Core 1.x Expectation Suite,
-built from the config for one destination (its stage map, its match keys, its future
+The contract is the source contract (the columns documented in the header of
+``include/sql/converted_leads.sql``; see ``docs/architecture.md``) as a GX Core 1.x Expectation
+Suite, built from the config for one destination (its stage map, its match keys, its future
 tolerance). Every expectation carries a stable rule code in its ``meta``; a row that breaks one
 is quarantined with that code and a short, fixed detail, never with the value that broke it.
 
