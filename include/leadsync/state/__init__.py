@@ -10,6 +10,7 @@ lead_id and stage, and the outbox holds payloads whose identifiers are already h
 The store is one class composed of parts with one job each, all over one engine:
 :mod:`~leadsync.state.schema` (tables, migrations), :mod:`~leadsync.state.leases`,
 :mod:`~leadsync.state.runs` (runs, watermarks), :mod:`~leadsync.state.ledger` (ledger, outbox),
+:mod:`~leadsync.state.outcomes` (push lanes' batch claims, request outcomes),
 :mod:`~leadsync.state.quarantine`, :mod:`~leadsync.state.requests` and
 :mod:`~leadsync.state.monitoring` (match-key coverage, alert states).
 """
@@ -41,6 +42,7 @@ from leadsync.state.model import (
     utcnow,
 )
 from leadsync.state.monitoring import MonitorPart
+from leadsync.state.outcomes import OutcomePart
 from leadsync.state.quarantine import QuarantinePart
 from leadsync.state.requests import RequestPart
 from leadsync.state.runs import RunPart
@@ -73,8 +75,8 @@ __all__ = [
 ]
 
 
-class StateStore(SchemaPart, LeasePart, RunPart, LedgerPart, QuarantinePart, RequestPart,
-                 MonitorPart):
+class StateStore(SchemaPart, LeasePart, RunPart, LedgerPart, OutcomePart, QuarantinePart,
+                 RequestPart, MonitorPart):
     """All reads and writes of leadsync's own state."""
 
     def __init__(self, engine: Engine) -> None:
