@@ -73,6 +73,9 @@ def test_coverage_names_identifiers_alike_across_platforms() -> None:
         "google_datamanager": {"userData": {"userIdentifiers": [{"emailAddress": "h"}]},
                                "adIdentifiers": {"gclid": "g", "landingPageDeviceInfo": {}}},
         "google_ads": {"userIdentifiers": [{"hashedPhoneNumber": "h"}], "gclid": "g"},
+        "linkedin": {"user": {"userIds": [{"idType": "SHA256_EMAIL", "idValue": "h"}],
+                              "userInfo": {"firstName": "x"}}},
+        "snapchat": {"user_data": {"ph": "h", "client_ip_address": "ip"}},
     }
     found = {}
     for kind, body in bodies.items():
@@ -81,7 +84,8 @@ def test_coverage_names_identifiers_alike_across_platforms() -> None:
         found[kind] = set(cov.keys)
     assert found == {"meta": {"email", "phone", "fbc"}, "tiktok": {"email", "phone", "lead_id"},
                      "google_datamanager": {"email", "gclid"},
-                     "google_ads": {"phone", "gclid"}}
+                     "google_ads": {"phone", "gclid"}, "linkedin": {"email", "user_info"},
+                     "snapchat": {"phone", "ip"}}
 
 
 def test_status_and_pages_read_the_state_store(world: World) -> None:

@@ -138,3 +138,21 @@ class LeadsyncGoogleAdsHook(_TypedDestinationHook):
     hook_name = "leadsync: Google Ads API (click conversions)"
     default_conn_name = "leadsync_google_ads"
     destination_type_name = "google_ads"
+
+
+class LeadsyncLinkedInHook(_TypedDestinationHook):
+    """Connection type ``leadsync_linkedin``: LinkedIn Conversions API."""
+
+    conn_type = "leadsync_linkedin"
+    hook_name = "leadsync: LinkedIn Conversions API"
+    default_conn_name = "leadsync_linkedin"
+    destination_type_name = "linkedin"
+
+
+class LeadsyncSnapchatHook(_TypedDestinationHook):
+    """Connection type ``leadsync_snapchat``: Snap Conversions API."""
+
+    conn_type = "leadsync_snapchat"
+    hook_name = "leadsync: Snap Conversions API"
+    default_conn_name = "leadsync_snapchat"
+    destination_type_name = "snapchat"

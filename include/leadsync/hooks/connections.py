@@ -100,9 +100,36 @@ CONNECTION_TYPES: dict[str, dict[str, Any]] = {
     },
 }
 
+CONNECTION_TYPES["linkedin"] = {
+    "hook-name": "leadsync: LinkedIn Conversions API",
+    "conn-fields": {
+        "api_version": _text("LinkedIn-Version", "YYYYMM, e.g. 202603 (the module's default "
+                             "when empty)."),
+    },
+    "ui-field-behaviour": {
+        "hidden-fields": ["schema", "port", "login", "extra"],
+        "relabeling": {"host": "REST API base URL", "password": "Access token (rw_conversions)"},
+        "placeholders": {"host": "https://api.linkedin.com"},
+    },
+}
+CONNECTION_TYPES["snapchat"] = {
+    "hook-name": "leadsync: Snap Conversions API",
+    "conn-fields": {
+        "pixel_id": _text("Snap Pixel id", "The pixel the events go to (a UUID)."),
+        "test_mode": _flag("Test mode", "Events go to the test view only (the Test button "
+                           "then sends one)."),
+    },
+    "ui-field-behaviour": {
+        "hidden-fields": ["schema", "port", "login", "extra"],
+        "relabeling": {"host": "Conversions API base URL", "password": "Conversions API token"},
+        "placeholders": {"host": "https://tr.snapchat.com"},
+    },
+}
+
 HOOK_CLASSES = {"meta": "LeadsyncMetaHook", "tiktok": "LeadsyncTikTokHook",
                 "google_datamanager": "LeadsyncGoogleDataManagerHook",
-                "google_ads": "LeadsyncGoogleAdsHook"}
+                "google_ads": "LeadsyncGoogleAdsHook", "linkedin": "LeadsyncLinkedInHook",
+                "snapchat": "LeadsyncSnapchatHook"}
 
 
 def conn_type(destination_type: str) -> str:
@@ -140,10 +167,11 @@ def _probe_row(stage: str, now: datetime) -> dict[str, Any]:
 def harmless_credentials(destination_type: str, creds: Any) -> Any | None:
     """``creds`` changed so that a request changes nothing at the platform, or None when the
     platform has no such mode for them: Google's ``validateOnly``; Meta's and TikTok's test
-    event code (test events stay out of reporting and optimisation) when one is set."""
+    event code and Snap's test mode (test events stay out of reporting and optimisation) when
+    set. LinkedIn has none: its fields are checked only."""
     if destination_type in ("google_datamanager", "google_ads"):
         return dataclasses.replace(creds, validate_only=True)
-    if getattr(creds, "test_event_code", None):
+    if getattr(creds, "test_event_code", None) or getattr(creds, "test_mode", False):
         return creds
     return None
 
@@ -160,8 +188,9 @@ def check_connection(conn_id: str, destination_type: str, creds: Any,
 
     safe = harmless_credentials(destination_type, creds)
     if safe is None:
-        return True, (f"connection {conn_id!r}: fields are valid; no call made (set "
-                      "test_event_code to send a test event)")
+        hint = ("LinkedIn has no test mode" if destination_type == "linkedin"
+                else "set a test event code / test mode to send a test event")
+        return True, f"connection {conn_id!r}: fields are valid; no call made ({hint})"
     # The destination using this connection (the form tests under a transient id: then the
     # first destination of the type), for its stage mapping and account ids.
     candidates = [d for d in get_config().destinations if d.type == destination_type]

@@ -18,6 +18,7 @@ _NAMES = {
     "fn": "first_name", "ln": "last_name", "ct": "city", "st": "state", "zp": "zip",
     "db": "date_of_birth", "ge": "gender", "client_ip_address": "ip",
     "client_user_agent": "user_agent", "addressInfo": "address",
+    "SHA256_EMAIL": "email", "LINKEDIN_FIRST_PARTY_ADS_TRACKING_UUID": "li_fat_id",
 }
 _CLICK_IDS = ("gclid", "gbraid", "wbraid")
 
@@ -28,8 +29,12 @@ def _listed(identifiers: Iterable[Mapping[str, Any]]) -> set[str]:
 
 def event_keys(destination_type: str, body: Mapping[str, Any]) -> set[str]:
     """The identifier names an event body carries, in the platform's own words."""
-    if destination_type == "meta":
+    if destination_type in ("meta", "snapchat"):
         return set(body.get("user_data", {}))
+    if destination_type == "linkedin":
+        user = body.get("user", {})
+        keys = {str(item.get("idType")) for item in user.get("userIds", [])}
+        return keys | ({"user_info"} if user.get("userInfo") else set())
     if destination_type == "tiktok":
         keys = set(body.get("user", {}))
         if "lead_id" in body.get("lead", {}):

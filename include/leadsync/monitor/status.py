@@ -65,6 +65,10 @@ def last_runs(store: StateStore, destination: str, limit: int = 30) -> list[dict
             "counts": {key: int(counts.get(key, 0)) for key in RUN_COUNTS},
             "quarantined_by_rule": {k.split(".", 1)[1]: int(v) for k, v in counts.items()
                                     if k.startswith("quarantined.")},
+            # Unusable identifiers left out of events that were still sent (by identifier).
+            "identifiers_dropped": {k.removeprefix("identifiers_dropped."): v
+                                    for k, v in sorted(counts.items())
+                                    if k.startswith("identifiers_dropped.")},
         })
     return result
 
@@ -80,7 +84,10 @@ def status(store: StateStore, destinations: Sequence[str], now: datetime | None 
     for name in destinations:
         entry = dict(summary[name])
         entry["watermark_lag_seconds"] = _watermark_lag(entry, now)
-        entry["last_runs"] = last_runs(store, name, runs_limit)
+        entry["last_runs"] = last_runs(store, name, max(runs_limit, 1))
+        # As ``state show`` reports it: what the newest run left out of its events.
+        newest = entry["last_runs"][0] if entry["last_runs"] else {}
+        entry["last_run_identifiers_dropped"] = newest.get("identifiers_dropped", {})
         entry["coverage"] = store.run_coverage(name, runs_limit)
         result[name] = entry
     return {"generated_at": now.isoformat(), "destinations": result}
