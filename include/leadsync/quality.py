@@ -957,6 +957,12 @@ class ContractSession:
         return failures
 
     @property
+    def validated(self) -> int:
+        """How many of the rows given so far have been validated (their failures returned):
+        the rows before this position have their verdict."""
+        return self._position - len(self._batch)
+
+    @property
     def over_limit(self) -> bool:
         """More failing rows than ``max_quarantined_rows``: no need to read further."""
         return self.report.failing_rows > self.spec.max_quarantined_rows
