@@ -26,7 +26,7 @@ from leadsync.destinations import get_destination
 from leadsync.destinations.base import Destination, HttpRequest, Skip, derive_event_id
 from leadsync.destinations.http import HttpClient, encode_event
 from leadsync.faults import crash_point
-from leadsync.source import Source, Window, plan_window
+from leadsync.source import REQUIRED_COLUMNS, Source, Window, plan_window
 from leadsync.state import (
     BATCH_HELD,
     DELIVERED,
@@ -489,6 +489,46 @@ class _StagePass:
             return self.state.resolve_quarantine(self.name, sorted(self.passed))
 
 
+class _Contract:
+    """The contract of one pass, its Great Expectations session opened on first use.
+
+    A window whose rows the ledger all settled (a run with nothing new) validates nothing, so
+    it never imports GX (seconds): its report counts no rows and passes, without Data Docs.
+    A source missing a required column opens the session at once, for the structural report.
+    """
+
+    def __init__(self, spec: quality.ContractSpec, run_id: str, now: datetime,
+                 columns: list[str], pass_: _StagePass) -> None:
+        self.spec = spec
+        self.run_id = run_id
+        self.now = now
+        self.columns = columns
+        self.pass_ = pass_
+        self.session: quality.ContractSession | None = None
+        self.columns_ok = all(c in columns for c in REQUIRED_COLUMNS)
+        if not self.columns_ok:
+            self.open()  # its structural failures are the report
+
+    def open(self) -> quality.ContractSession:
+        """The session (created, and the source's columns checked, on first call)."""
+        if self.session is None:
+            with self.pass_.timer("check"):
+                # GX is imported once per process (seconds): the heartbeat keeps the lease.
+                self.session = quality.ContractSession(self.spec, self.run_id, self.now)
+                self.session.check_columns(self.columns)
+        return self.session
+
+    def finish(self, aborted: str | None) -> quality.ContractReport:
+        """The verdict; an empty, passing report when nothing was validated."""
+        if self.session is None and aborted is None:
+            spec = self.spec
+            return quality.ContractReport(spec.destination, self.run_id,
+                                          threshold=spec.failure_threshold,
+                                          min_rows=spec.failure_min_rows,
+                                          max_quarantined_rows=spec.max_quarantined_rows)
+        return self.open().finish(aborted=aborted)
+
+
 class Pipeline:
     """The steps of one destination's run, over the state store and the warehouse."""
 
@@ -588,14 +628,14 @@ class Pipeline:
         with self.state.heartbeat(name, run_id, self.config.state.lease_ttl):
             if contract.enabled:
                 spec = quality.ContractSpec.from_config(self.config, self.dest)
-                # GX is imported once per process (seconds): the heartbeat keeps the lease.
-                session = quality.ContractSession(spec, run_id, self.clock())
+                columns = quality.source_columns(self.warehouse, source.query)
+                lazy = _Contract(spec, run_id, self.clock(), columns, pass_)
                 aborted: str | None = None
-                if session.check_columns(quality.source_columns(self.warehouse, source.query)):
-                    aborted = self._read_window(pass_, session, source, window,
+                if lazy.columns_ok:
+                    aborted = self._read_window(pass_, lazy, source, window,
                                                 run["watermark_before"])
                 with pass_.timer("check"):
-                    report = session.finish(aborted=aborted)
+                    report = lazy.finish(aborted)
             else:
                 source.check_columns()
                 self._read_window(pass_, None, source, window, run["watermark_before"])
@@ -633,13 +673,13 @@ class Pipeline:
             log.info("Data Docs of this check: %s", report.data_docs)
         return report.as_dict()
 
-    def _read_window(self, pass_: _StagePass, session: quality.ContractSession | None,
-                     source: Source, window: Window, run_watermark: Cursor | None) -> str | None:
-        """Streams the window once through the settled-row lookup, the contract session and
-        the planner; returns why it stopped early, if it did."""
+    def _read_window(self, pass_: _StagePass, contract: _Contract | None, source: Source,
+                     window: Window, run_watermark: Cursor | None) -> str | None:
+        """Streams the window once through the settled-row lookup, the contract and the
+        planner; returns why it stopped early, if it did."""
         same_key_rows: Callable[[Mapping[str, Any]], int] | None = None
-        if session is not None:
-            spec = session.spec
+        if contract is not None:
+            spec = contract.spec
             with pass_.timer("check"):
                 duplicated = quality.window_key_counts(source, window, spec.max_quarantined_rows)
             if len(duplicated) > spec.max_quarantined_rows:
@@ -665,29 +705,33 @@ class Pipeline:
                 if chunk is None:
                     break
                 fresh = pass_.take(chunk)
-                if session is None:
-                    pass_.decide(len(fresh) + pass_.position)
-                    continue
-                if fresh:
+                if contract is None:
+                    pass_.decide(pass_.position)
+                elif fresh:
+                    session = contract.open()
                     with pass_.timer("check"):
                         failures = session.add(fresh, same_key_rows, is_new=is_new)
                     pass_.verdicts(failures, session.validated)
-                if session.over_limit:
-                    return "stopped reading the window"
+                    if session.over_limit:
+                        return "stopped reading the window"
                 crash_point("after_stage_chunk")
         finally:
             close = getattr(stream, "close", None)  # a generator holding a DB cursor
             if close is not None:
                 close()
-        with pass_.timer("check"):
-            failures = session.flush() if session is not None else []
-        pass_.verdicts(failures, pass_.position)
-        if session is not None and self.config.contract.scan_null_cursor and \
-                not session.over_limit:
+        if contract is None:
+            return None
+        if contract.session is not None:
             with pass_.timer("check"):
-                outside = quality.null_cursor_rows(source, session.spec.max_quarantined_rows + 1)
-                pass_.quarantine_failures(session.add(outside, outside_window=True)
-                                          + session.flush())
+                failures = contract.session.flush()
+            pass_.verdicts(failures, pass_.position)
+        if self.config.contract.scan_null_cursor:
+            with pass_.timer("check"):
+                outside = quality.null_cursor_rows(source, spec.max_quarantined_rows + 1)
+                if outside:
+                    session = contract.open()
+                    pass_.quarantine_failures(session.add(outside, outside_window=True)
+                                              + session.flush())
         return None
 
     def stage(self, run_id: str) -> dict[str, Any]:
