@@ -306,6 +306,9 @@ _PASS_COUNTERS = ("read", "staged", "batches", "skipped", "expired", "in_flight"
                   "checked_outside_window")
 
 
+_NO_BODY: dict[str, Any] = {}  # a waiting row's plan keeps its encoded envelope instead
+
+
 class _Item(msgspec.Struct, gc=False):
     """A planned row awaiting the contract's verdict: what stage needs of it, no raw values
     (the event body is already hashed and encoded)."""
@@ -386,8 +389,12 @@ class _StagePass:
                     counts[done] += 1
                 else:
                     planned = plan(row)
-                    envelope = (planned.stored_envelope() if isinstance(planned, Planned)
-                                else None)
+                    envelope = None
+                    if isinstance(planned, Planned):
+                        # Encoded now; the event's dict (~30 objects) is not kept waiting.
+                        envelope = planned.stored_envelope()
+                        planned = Planned(planned.event_id, planned.event_name,
+                                          planned.event_time, _NO_BODY)
                     self.waiting.append(_Item(
                         self.position, cursor, prev, str(row.get("lead_id"))[:128],
                         str(row.get("stage"))[:64], quality.quarantine_key(row), planned,
