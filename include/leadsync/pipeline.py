@@ -353,6 +353,8 @@ class _StagePass:
         self.envelopes: list[dict[str, Any]] = []
         self.records: list[LedgerRecord] = []
         self.ids: set[str] = set()
+        self.existing: set[str] = set()  # ids of the batch being filled the ledger holds
+        self.group_ids: set[str | None] = set()  # ids decided in the current group
         self.prev: Cursor | None = None
         self.seq = 0
 
@@ -429,6 +431,9 @@ class _StagePass:
                 group.append(item)
         if not group:
             return
+        # Events this group decides are not in the ledger yet when it is looked up below:
+        # with the batch being filled, they are what "in flight" means within the group.
+        self.group_ids = set()
         ids = [item.plan.event_id for item in group if item.plan.event_id]
         with self.timer("state"):
             # Looked up again now: earlier groups of this run may have written these events.
@@ -440,7 +445,9 @@ class _StagePass:
             plan = item.plan
             event_id = plan.event_id
             decision = decide(plan, known.get(event_id) if event_id else None, item.cursor.ts,
-                              event_id in self.ids)
+                              event_id in self.ids or event_id in self.group_ids)
+            if event_id is not None:
+                self.group_ids.add(event_id)
             for name in decision.counts:
                 counts[name] += 1
             action = decision.action
@@ -462,6 +469,8 @@ class _StagePass:
                     self.prev = item.prev
                 self.envelopes.append(item.envelope)
                 self.ids.add(event_id)
+                if known.get(event_id) is not None:
+                    self.existing.add(event_id)
                 self.records.append(LedgerRecord(
                     event_id, item.lead_id, item.stage, plan.event_name, PENDING,
                     item.cursor.ts, plan.event_time))
@@ -483,10 +492,13 @@ class _StagePass:
                                 r.source_ts, r.event_time, batch_id=batch_id)
                    for r in self.records]
         with self.timer("state"):
+            # The ledger was looked up when these rows were decided, under the lease.
             self.state.stage_batch(self.name, self.run_id, batch_id, self.seq, self.envelopes,
-                                   records, self.prev, status=BATCH_HELD)
+                                   records, self.prev, status=BATCH_HELD,
+                                   existing=self.existing)
         self.counts["batches"] += 1
         self.envelopes, self.records, self.ids, self.prev = [], [], set(), None
+        self.existing = set()
         if self.seq % 50 == 0:
             with self.timer("state"):
                 self.state.analyze()  # a backfill outgrows the planner's statistics
@@ -655,6 +667,8 @@ class Pipeline:
             else:
                 source.check_columns()
                 self._read_window(pass_, None, source, window, run["watermark_before"])
+            if report is None or report.passed:
+                pass_.close()  # the last rows decided, the last batch written (held)
         counts = pass_.counts
         if report is not None:
             counts["checked"] = report.rows
@@ -670,7 +684,6 @@ class Pipeline:
             self.state.discard_held(name, run_id, status=RUN_CONTRACT_FAILED)
             log.error("%s", report.describe())
             raise quality.ContractViolation(report)
-        pass_.close()
         crash_point("after_stage")
         resolved = pass_.resolve_quarantine()
         with pass_.timer("state"):

@@ -201,3 +201,39 @@ else:
     assert counts["read"] > 0 and counts.get("staged", 0) == 0, counts
 print("gx-loaded" if "great_expectations" in sys.modules else "gx-not-loaded")
 '''
+
+
+def test_one_pass_counts_every_batch_and_stages_a_shared_event_id_once(tmp_path: Path) -> None:
+    """The last, partial batch is counted; two rows with one event id in two batches of one
+    validation group are staged once (the second is in flight), with the contract on."""
+    import yaml
+
+    from leadsync import demo_data
+    from leadsync.config import DEFAULT_CONFIG_PATH, parse_config
+    from leadsync.pipeline import Pipeline
+    from leadsync.state import outbox
+
+    data = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    data["contract"]["data_docs"] = False
+    for dest in data["destinations"]:
+        if dest["name"] == "meta":
+            dest["batch_size"] = 7
+    config = parse_config(data)
+    wh = create_engine(f"sqlite:///{tmp_path / 'wh.db'}")
+    demo_data.create_schema(wh)
+    rows = list(demo_data.generate_rows_fast(40, datetime.now(UTC)))
+    rows[3]["event_id"] = rows[12]["event_id"] = "shared-event-id"
+    demo_data._load(wh, rows, True)
+    state = StateStore(create_engine(f"sqlite:///{tmp_path / 'state.db'}"))
+    pipeline = Pipeline(config, config.destination("meta"), state, wh)
+    pipeline.open_run("r1")
+    assert pipeline.check("r1")["rows"] == 40
+    counts = pipeline.stage("r1")["counts"]
+    with state.engine.connect() as conn:
+        batches = conn.execute(outbox.select()).fetchall()
+    assert counts["batches"] == len(batches) >= 2
+    assert sum(b.n_events for b in batches) == counts["staged"]
+    assert counts["in_flight"] == 1
+    ledger = state.ledger_rows("meta")
+    assert [r["event_id"] for r in ledger].count("shared-event-id") == 1
+    assert sum(1 for r in ledger if r["status"] == PENDING) == counts["staged"]

@@ -79,13 +79,23 @@ class LedgerPart(StorePart):
         return found
 
     def _upsert_ledger(
-        self, conn: Connection, destination: str, records: Sequence[LedgerRecord], run_id: str
+        self, conn: Connection, destination: str, records: Sequence[LedgerRecord], run_id: str,
+        existing: set[str] | None = None,
     ) -> None:
+        """Inserts new events and updates known ones, each as one set operation.
+
+        ``existing``: the ids among ``records`` the ledger already holds, when the caller
+        looked them up in this run and nothing else writes them meanwhile (the lease):
+        saves looking them up again.
+        """
         if not records:
             return
         now = utcnow()
         ids = [r.event_id for r in records]
-        existing: set[str] = set()
+        if existing is not None:
+            ids = []
+        else:
+            existing = set()
         for start in range(0, len(ids), 900):
             existing.update(
                 conn.execute(
@@ -169,11 +179,13 @@ class LedgerPart(StorePart):
         prev_cursor: Cursor | None,
         *,
         status: str = BATCH_PENDING,
+        existing: set[str] | None = None,
     ) -> None:
         """Writes one outbox batch and its pending ledger rows in one transaction.
 
         ``status`` :data:`BATCH_HELD` stages a batch that push does not see until
         :meth:`release_held` (a run whose data contract is still being checked).
+        ``existing``: see :meth:`_upsert_ledger`.
         """
         now = utcnow()
         with self.engine.begin() as conn:
@@ -192,7 +204,7 @@ class LedgerPart(StorePart):
                     updated_at=now,
                 )
             )
-            self._upsert_ledger(conn, destination, records, run_id)
+            self._upsert_ledger(conn, destination, records, run_id, existing)
 
     def release_held(self, destination: str, run_id: str, *,
                      window_max: Cursor | None = None,
