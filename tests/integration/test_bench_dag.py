@@ -17,7 +17,8 @@ def test_dag_benchmark_delivers_every_eligible_row_once_and_reports_its_phases()
     assert case.expected == case.delivered == case.sink_events == 2_000
     assert case.first is not None and case.noop is not None and case.fixed is not None
     assert case.first.phases.keys() >= {"read", "check", "plan", "state", "gx_setup"}
-    assert case.first.counts["staged"] == 2_000 and case.first.tasks["push_batch"] > 0
+    assert case.first.counts["staged"] == 2_000
+    assert sum(s for t, s in case.first.tasks.items() if t.startswith("push")) > 0
     # Nothing new: the lookback's rows were settled by the first run and cost a key lookup.
     assert case.noop.counts["read"] > 0 and case.noop.counts.get("staged", 0) == 0
     assert case.noop.phases.get("gx_setup", 0.0) == 0.0  # GX never imported
