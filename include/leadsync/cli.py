@@ -176,6 +176,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stats = _sandbox_stats(sandbox.url)
     print()
     _print_demo_summary(results, stats)
+    print("\nSee these runs, their task logs and the DAGs in the Airflow UI: `make ui`. "
+          "On the CeleryExecutor with a scheduler and two workers: `make cluster`.")
     return 1 if any(r[3] for r in results) else 0
 
 
@@ -209,7 +211,12 @@ def _print_demo_summary(results: list[Any], stats: dict[str, Any]) -> None:
             by_rule = ", ".join(f"{k}={v}" for k, v in sorted(rules.items())) or "none"
             print(f"   contract : checked {counts['checked']} rows; quarantined by rule: "
                   f"{by_rule}")
-        reasons = {k: v for k, v in counts.items() if "." in k}
+            dropped = _dropped_identifiers(counts)
+            if dropped:
+                print(f"   warnings : identifiers left out (rows sent on their other match "
+                      f"keys): {dropped}")
+        reasons = {k: v for k, v in counts.items()
+                   if "." in k and not k.startswith("identifiers_dropped")}
         if reasons:
             print("   reasons  : " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
         print(f"   ledger   : delivered {state['delivered']}, pending {state['pending']}, "
@@ -225,6 +232,13 @@ def _print_demo_summary(results: list[Any], stats: dict[str, Any]) -> None:
                   f"in total, {platform.get('duplicate_events', 0)} duplicates, "
                   f"{platform.get('rejected_requests', 0)} rejected requests")
     _print_data_docs()
+
+
+def _dropped_identifiers(counts: dict[str, Any]) -> str:
+    """``email.bad_email=2, phone.bad_phone=4`` from a run's counts ('' when none)."""
+    prefix = "identifiers_dropped."
+    return ", ".join(f"{k.removeprefix(prefix)}={v}" for k, v in sorted(counts.items())
+                     if k.startswith(prefix))
 
 
 def _print_data_docs() -> None:
@@ -358,7 +372,15 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 def cmd_state(args: argparse.Namespace) -> int:
     """Prints watermark and ledger counts per destination."""
     config = get_config()
-    summary = _state_store().summary([d.name for d in config.destinations])
+    store = _state_store()
+    summary = store.summary([d.name for d in config.destinations])
+    for name, s in summary.items():
+        # What the last run left out of its events (unusable identifiers, rows still sent).
+        run = _last_run(store, name)
+        counts = (run or {}).get("counts", {})
+        s["last_run_identifiers_dropped"] = {
+            k.removeprefix("identifiers_dropped."): v for k, v in sorted(counts.items())
+            if k.startswith("identifiers_dropped.")}
     if args.json:
         print(json.dumps({"destinations": summary}, indent=2, default=str))
         return 0
@@ -367,6 +389,10 @@ def cmd_state(args: argparse.Namespace) -> int:
         print(f"{name}: watermark {wm}; delivered {s['delivered']}, pending {s['pending']}, "
               f"failed {s['failed']}, expired {s['expired']}, skipped {s['skipped']}, "
               f"quarantined {s['quarantined']}")
+        dropped = s["last_run_identifiers_dropped"]
+        if dropped:
+            print("  last run left out unusable identifiers (rows sent on their other match "
+                  "keys): " + ", ".join(f"{k}={v}" for k, v in dropped.items()))
     return 0
 
 

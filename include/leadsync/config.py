@@ -151,6 +151,9 @@ class DestinationConfig(_Strict):
     future_tolerance: Duration = timedelta(seconds=60)
     retry: RetryConfig = RetryConfig()
     pool_slots: int = Field(default=4, ge=1, le=128)
+    # Push lanes per run: each lane is one task that drains pending outbox batches with one
+    # HTTP session, so a run has this many push task instances whatever the backlog.
+    push_lanes: int = Field(default=2, ge=1, le=64)
     # Google (google_datamanager, google_ads): the Google Ads account that owns the
     # conversion actions (the stage mapping's values), and the manager account the
     # credentials sign in through, if any. 10 digits; hyphens are dropped.

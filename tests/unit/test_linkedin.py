@@ -128,7 +128,7 @@ def test_unusable_identifiers_are_left_out(overrides: dict[str, Any], kept: list
 
 @pytest.mark.parametrize(("overrides", "reason", "status"), [
     ({"opted_out": True}, "opted_out", "skipped"),
-    ({"email": None, "li_fat_id": None}, "no_match_keys", "skipped"),
+    ({"email": None, "li_fat_id": None}, "no_match_keys", "quarantined"),  # as the contract
     ({"event_id": "x" * 65}, "event_id_too_long", "skipped"),
     ({"event_time": NOW - timedelta(days=91), "updated_at": NOW - timedelta(days=91)},
      "event_too_old", "expired"),
