@@ -129,3 +129,13 @@ def test_data_docs_pages_are_found_per_destination_and_run(tmp_path: Path) -> No
     link = status.data_docs_link(tmp_path, "tiktok", run_id, "https://airflow.example/")
     assert link == "https://airflow.example/leadsync/data-docs/" + found[run_id]
     assert status.data_docs_link(tmp_path, "google", run_id) is None
+
+
+def test_a_retried_check_replaces_the_runs_coverage(tmp_path: Path) -> None:
+    store = StateStore(make_engine(f"sqlite:///{tmp_path / 'state.db'}"))
+    store.migrate()
+    store.set_coverage("meta", "run-1", 10, {"email": 7, "phone": 10})
+    store.set_coverage("meta", "run-1", 12, {"email": 9})  # the retry staged the run again
+    assert [(c["events"], c["keys"]) for c in store.run_coverage("meta")] == [(12, {"email": 9})]
+    store.set_coverage("meta", "run-1", 0, {})  # the retry's contract failed: nothing staged
+    assert store.run_coverage("meta") == []

@@ -57,6 +57,15 @@ class Coverage:
         self.events = 0
         self.keys: Counter[str] = Counter()
 
+    def names(self, body: Mapping[str, Any]) -> frozenset[str]:
+        """The identifier names an event body carries, in common words."""
+        return frozenset(_NAMES.get(k, k) for k in event_keys(self.destination_type, body))
+
     def add(self, body: Mapping[str, Any]) -> None:
+        """Counts one staged event from its body."""
+        self.add_keys(self.names(body))
+
+    def add_keys(self, names: Iterable[str]) -> None:
+        """Counts one staged event from its identifier names (see :meth:`names`)."""
         self.events += 1
-        self.keys.update({_NAMES.get(k, k) for k in event_keys(self.destination_type, body)})
+        self.keys.update(names)

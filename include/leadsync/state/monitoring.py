@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, select
 
 from leadsync.state.model import StorePart, utcnow
 from leadsync.state.schema import alert_states, run_coverage
@@ -15,29 +15,19 @@ from leadsync.state.schema import alert_states, run_coverage
 class MonitorPart(StorePart):
     """Coverage counts (identifier names and counts only) and alert states."""
 
-    def add_coverage(self, destination: str, run_id: str, events: int,
+    def set_coverage(self, destination: str, run_id: str, events: int,
                      keys: Mapping[str, int]) -> None:
-        """Adds a stage's counts to the run's coverage (a retried stage only counts the
-        events it staged itself, so adding never counts an event twice)."""
-        if events <= 0:
-            return
+        """Records (replaces) the run's coverage: a retried check stages the run again from
+        scratch, so its counts replace the earlier attempt's; no events, no row."""
         with self.engine.begin() as conn:
-            row = conn.execute(
-                select(run_coverage.c.events, run_coverage.c.key_counts).where(
-                    run_coverage.c.destination == destination, run_coverage.c.run_id == run_id)
-            ).first()
-            merged = dict(json.loads(row.key_counts)) if row else {}
-            for key, n in keys.items():
-                merged[key] = int(merged.get(key, 0)) + int(n)
-            values = {"events": (int(row.events) if row else 0) + int(events),
-                      "key_counts": json.dumps(merged, sort_keys=True), "recorded_at": utcnow()}
-            if row:
-                conn.execute(update(run_coverage).where(
-                    run_coverage.c.destination == destination,
-                    run_coverage.c.run_id == run_id).values(**values))
-            else:
-                conn.execute(insert(run_coverage).values(destination=destination,
-                                                         run_id=run_id, **values))
+            conn.execute(delete(run_coverage).where(run_coverage.c.destination == destination,
+                                                    run_coverage.c.run_id == run_id))
+            if events > 0:
+                conn.execute(insert(run_coverage).values(
+                    destination=destination, run_id=run_id, events=int(events),
+                    key_counts=json.dumps({k: int(n) for k, n in keys.items()},
+                                          sort_keys=True),
+                    recorded_at=utcnow()))
 
     def run_coverage(self, destination: str, limit: int = 10) -> list[dict[str, Any]]:
         """The newest runs' coverage: ``{"run_id", "events", "keys", "shares"}``."""
