@@ -110,7 +110,10 @@ class Chromium:
         """A PNG of the page (its whole height when ``full_page``)."""
         height = 900
         if full_page:
-            height = int(self.evaluate("document.documentElement.scrollHeight") or 900)
+            # Measured at the window's own size (an earlier override would pad short pages).
+            self.call("Emulation.clearDeviceMetricsOverride")
+            time.sleep(0.2)
+            height = int(self.evaluate("document.body.scrollHeight") or 900)
         self.call("Emulation.setDeviceMetricsOverride", width=self.width,
                   height=min(max(height, 300), 6000), deviceScaleFactor=1, mobile=False)
         data = self.call("Page.captureScreenshot", format="png")["data"]
