@@ -581,10 +581,11 @@ class Pipeline:
                         break
                     try:
                         counts = self._send_claimed(run_id, batch, sender, holder)
-                    finally:
+                    except BaseException:
                         # Unwinding (an error, a task killed by Airflow): the batch is free
-                        # again at once. Outcomes already recorded released the claim.
-                        self.state.release_claim(batch.batch_id, holder)
+                        # again at once (recorded outcomes ended the claim already).
+                        self._release(batch.batch_id, holder)
+                        raise
                     totals.update(counts)
                     totals["batches"] += 1
                     if batch_id is not None:
@@ -595,6 +596,13 @@ class Pipeline:
         if batch_id is None:
             log.info("%s of %s drained: %s", name, self.dest.name, dict(totals))
         return dict(totals) if totals["batches"] else {}
+
+    def _release(self, batch_id: str, holder: str) -> None:
+        try:
+            self.state.release_claim(batch_id, holder)
+        except Exception:  # the error being raised matters more; the claim expires anyway
+            log.warning("could not release the claim on batch %s; it expires instead",
+                        batch_id, exc_info=True)
 
     def _send_claimed(self, run_id: str, batch: Batch, sender: BatchSender,
                       holder: str) -> dict[str, int]:
