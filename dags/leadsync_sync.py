@@ -88,10 +88,11 @@ def build_dag(dest: DestinationConfig) -> DAG:
                 raise AirflowFailException(str(exc)) from None  # no retry: fix the source first
 
         @task
-        def stage_events(run: dict[str, Any]) -> list[str]:
+        def stage_events(run: dict[str, Any]) -> dict[str, Any]:
             from leadsync.tasks import pipeline_for
 
-            return list(pipeline_for(dest.name).stage(run["run_id"])["batch_ids"])
+            # Batch ids and counts (identifiers left out of the events included).
+            return pipeline_for(dest.name).stage(run["run_id"])
 
         @task(retries=3)
         def push_lane(lane: int, **context: Any) -> dict[str, int]:

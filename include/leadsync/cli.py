@@ -176,7 +176,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stats = _sandbox_stats(sandbox.url)
     print()
     _print_demo_summary(results, stats)
-    print("\nSee these runs, their task logs and the DAGs in the Airflow UI: `make ui`. "
+    print("\nSee these runs and the DAGs in the Airflow UI: `make ui`. "
           "On the CeleryExecutor with a scheduler and two workers: `make cluster`.")
     return 1 if any(r[3] for r in results) else 0
 
