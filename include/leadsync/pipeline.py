@@ -657,6 +657,10 @@ class Pipeline:
         # An earlier attempt of this step, or a run that died before its verdict, may have
         # left held batches and ledger rows: never sendable, and this pass re-reads the rows.
         self.state.discard_held(name, run_id if run["status"] == RUN_CHECKING else None)
+        if run["status"] == RUN_RUNNING:
+            # This check passed before and released its batches: those no lane took yet are
+            # taken back and staged again by this pass, which counts afresh.
+            self.state.take_back_unsent(name, run_id)
         self.state.update_run(run_id, name, status=RUN_CHECKING)
         source = self._source()
         window = self._window(run)
