@@ -186,6 +186,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         cluster.stop()
         assert not cluster.alive()
         cluster.drop_databases()
+        cluster.drop_broker_keys()
 
 
 def _hosts(live: Live, run_id: str) -> set[str]:
