@@ -26,7 +26,7 @@ from leadsync.destinations import get_destination
 from leadsync.destinations.base import Destination, HttpRequest, Skip, derive_event_id
 from leadsync.destinations.http import HttpClient, encode_event
 from leadsync.faults import crash_point
-from leadsync.source import Source, Window, plan_window
+from leadsync.source import Source, UnreadableRow, Window, plan_window
 from leadsync.state import (
     DELIVERED,
     EXPIRED,
@@ -379,6 +379,11 @@ class Pipeline:
         stream = source.stream(window)
         try:
             for chunk in stream:
+                if isinstance(chunk, UnreadableRow):
+                    # Recorded before the watermark can pass it: one entry, not the window.
+                    quarantine([session.add_unreadable(chunk, is_new=chunk.cursor is None
+                                                       or is_new({"_cursor": chunk.cursor}))])
+                    continue
                 quarantine(session.add(chunk, same_key_rows if duplicated else None,
                                        is_new=is_new))
                 if session.over_limit:
@@ -444,6 +449,12 @@ class Pipeline:
         planner = Planner(self.dest, self.module, now)
         with self.state.heartbeat(self.dest.name, run_id, self.config.state.lease_ttl):
             for chunk in source.stream(window):
+                if isinstance(chunk, UnreadableRow):
+                    counts["read"] += 1
+                    self._stage_unreadable(run_id, chunk, checked_out, counts)
+                    if chunk.cursor is not None:
+                        prev_row = last = chunk.cursor
+                    continue
                 plans: list[tuple[dict[str, Any], Cursor | None, Planned | Rejected]] = []
                 for row in chunk:
                     if checked_out and quality.quarantine_key(row) in checked_out:
@@ -522,6 +533,19 @@ class Pipeline:
         log.info("staged %s: %s; %d batch(es) to push", self.dest.name, dict(counts),
                  len(batch_ids))
         return {"batch_ids": batch_ids, "counts": dict(counts)}
+
+    def _stage_unreadable(self, run_id: str, marker: UnreadableRow,
+                          checked_out: set[tuple[str, str]], counts: Counter[str]) -> None:
+        """Quarantines a row the driver could not read, unless this run's check did already
+        (contract disabled, or the row was committed after the check)."""
+        record = QuarantineRecord(marker.lead_id[:quality.MAX_ID_LENGTH],
+                                  marker.stage[:quality.MAX_STAGE_LENGTH], "unreadable_row",
+                                  marker.detail, marker.cursor.ts if marker.cursor else None)
+        if (record.lead_id, record.stage) in checked_out:
+            return
+        self.state.quarantine_rows(self.dest.name, run_id, [record])
+        counts["quarantined"] += 1
+        counts["quarantined.unreadable_row"] += 1
 
     def push(self, run_id: str, batch_id: str, client: HttpClient | None = None) -> dict[str, int]:
         """Sends one outbox batch and records each event's outcome."""

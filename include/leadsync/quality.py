@@ -54,7 +54,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from leadsync.source import REQUIRED_COLUMNS, to_utc
+from leadsync.source import REQUIRED_COLUMNS, UNREADABLE_RULE, UnreadableRow, to_utc
 from leadsync.state import QuarantineRecord
 
 if TYPE_CHECKING:
@@ -88,6 +88,8 @@ RULES: dict[str, Rule] = {
     rule.code: rule
     for rule in (
         Rule("missing_column", "a required column is missing from the source query", True),
+        Rule("unreadable_row", "the warehouse driver cannot read the row (undecodable text, "
+             "a value out of Python's range)"),
         Rule("missing_lead_id", "lead_id is null or blank"),
         Rule("missing_stage", "stage is null or blank"),
         Rule("missing_event_time", "event_time is null or blank"),
@@ -955,6 +957,20 @@ class ContractSession:
             report.new_failing_rows += sum(1 for i, f in enumerate(first)
                                            if f is not None and batch.new[i])
         return failures
+
+    def add_unreadable(self, marker: UnreadableRow, *, is_new: bool = True) -> Failure:
+        """Counts a row the driver could not read as a failing row of the window (rule
+        ``unreadable_row``); GX never sees it: there is nothing to project."""
+        report = self.report
+        report.rows += 1
+        report.failing_rows += 1
+        report.new_rows += is_new
+        report.new_failing_rows += is_new
+        self._quarantined[UNREADABLE_RULE] += 1
+        self._position += 1
+        return Failure(marker.lead_id[:MAX_ID_LENGTH], marker.stage[:MAX_STAGE_LENGTH],
+                       UNREADABLE_RULE, marker.detail,
+                       marker.cursor.ts if marker.cursor else None, self._position - 1)
 
     @property
     def over_limit(self) -> bool:
