@@ -313,7 +313,8 @@ class Source:
         if not bad:
             return None
         cursor = _cursor(row) if "_ls_ts" not in bad else None
-        return _marker(row, cursor, tuple("updated_at" if c == "_ls_ts" else c for c in bad))
+        names = dict.fromkeys("updated_at" if c == "_ls_ts" else c for c in bad)
+        return _marker(row, cursor, tuple(names))
 
 
 def _lenient_cast(caster: Any) -> Any:
