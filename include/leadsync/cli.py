@@ -267,7 +267,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     now = _parse_now(args.now)
     creds = _render_credentials(dest)
     rows = []
-    for number, raw in enumerate(sys.stdin.buffer, start=1):
+    binary = getattr(sys.stdin, "buffer", None)  # bytes: a bad line cannot stop the reader
+    lines = binary if binary is not None else (
+        line.encode("utf-8", "surrogatepass") for line in sys.stdin)
+    for number, raw in enumerate(lines, start=1):
         row, reason = read_json_line(raw)
         if reason is not None:
             _print_line({"skipped": {"line": number, "lead_id": None, "stage": None,
