@@ -233,26 +233,37 @@ class Source:
                             stream_results=True, yield_per=self.chunk_size
                         ).execute(text(self._sql(lo, exact)), params)
                         for part in result.mappings().partitions(self.chunk_size):
+                            n_page += len(part)
                             chunk: list[dict[str, Any]] = []
                             for mapping in part:
-                                n_page += 1
                                 row = dict(mapping)
-                                marker = self._unreadable(row) if lenient else None
-                                if marker is None:
-                                    cursor = _cursor(row)
-                                    if cursor is None:
-                                        marker = _marker(row, None, ("updated_at",))
-                                if marker is not None:
-                                    if chunk:
-                                        yield chunk
-                                        chunk = []
-                                    raw = marker.cursor
-                                    if raw is not None and _pageable(raw):
-                                        last = raw
-                                    yield _storable(marker)
-                                    continue
-                                row["_cursor"] = cursor
-                                chunk.append(row)
+                                if not lenient:
+                                    # The cursor is the value the warehouse compares on
+                                    # (SQLite: millisecond text), so resuming after it is exact.
+                                    ts = to_utc(row.pop("_ls_ts"))
+                                    if ts is not None:
+                                        row["_cursor"] = Cursor(ts, row.get("lead_id"),
+                                                                str(row.get("stage")))
+                                        chunk.append(row)
+                                        continue
+                                    marker = _marker(row, None, ("updated_at",))
+                                else:
+                                    found = self._unreadable(row)
+                                    if found is None:
+                                        cursor = _cursor(row)
+                                        if cursor is not None:
+                                            row["_cursor"] = cursor
+                                            chunk.append(row)
+                                            continue
+                                        found = _marker(row, None, ("updated_at",))
+                                    marker = found
+                                if chunk:
+                                    yield chunk
+                                    chunk = []
+                                raw = marker.cursor
+                                if raw is not None and _pageable(raw):
+                                    last = raw
+                                yield _storable(marker)
                             if chunk:
                                 if _pageable(chunk[-1]["_cursor"]):
                                     last = chunk[-1]["_cursor"]
