@@ -44,7 +44,7 @@ from .conftest import ROOT, Backend
 
 pytestmark = pytest.mark.integration
 
-ROWS = int(os.environ.get("LEADSYNC_FUZZ_ROWS", "1500"))
+ROWS = int(os.environ.get("LEADSYNC_FUZZ_ROWS", "1000"))
 SEEDS = int(os.environ.get("LEADSYNC_FUZZ_SEEDS", "1"))
 BASE_SEED = int(os.environ.get("LEADSYNC_FUZZ_SEED", "20261129"))
 RENDER_LINES = int(os.environ.get("LEADSYNC_FUZZ_RENDER_LINES", "1000"))
