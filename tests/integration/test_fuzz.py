@@ -61,13 +61,19 @@ class Tally:
     leaks: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     kinds: Counter[str] = field(default_factory=Counter)
+    render_lines: int = 0
+    render: Counter[str] = field(default_factory=Counter)
 
     def lines(self) -> list[str]:
         by_reason = ", ".join(f"{k}={v}" for k, v in sorted(self.outcomes.items()))
-        return [f"fuzz: {self.rows} rows in {self.runs} DAG runs; crashes: {self.crashes}; "
-                f"leaks: {self.leaks}",
-                f"fuzz: hostile kinds: {dict(sorted(self.kinds.items()))}",
-                f"fuzz: outcomes: {by_reason}"]
+        out = [f"fuzz: {self.rows} rows in {self.runs} DAG runs; crashes: {self.crashes}; "
+               f"leaks: {self.leaks}",
+               f"fuzz: hostile kinds: {dict(sorted(self.kinds.items()))}",
+               f"fuzz: outcomes: {by_reason}"]
+        if self.render_lines:
+            out.append(f"fuzz: render: {self.render_lines} lines, exit 0; " + ", ".join(
+                f"{k}={v}" for k, v in sorted(self.render.items())))
+        return out
 
 
 TALLY = Tally()
@@ -76,7 +82,7 @@ TALLY = Tally()
 @pytest.fixture(scope="module", autouse=True)
 def print_tally() -> Any:
     yield
-    if TALLY.runs:
+    if TALLY.runs or TALLY.render_lines:
         print("\n" + "\n".join(TALLY.lines()))
 
 
@@ -255,5 +261,7 @@ def test_render_on_fuzzed_lines_exits_0_with_one_outcome_per_row(tmp_path: Path)
     events = sum(len(i["body"]["data"]) for i in items if "body" in i)
     skipped = Counter(i["skipped"]["reason"] for i in items if "skipped" in i)
     assert events + sum(skipped.values()) == len(lines)
+    TALLY.render_lines += len(lines)
+    TALLY.render.update({"requested": events, **{f"skipped.{k}": v for k, v in skipped.items()}})
     assert {"undecodable_line", "unencodable_text", "invalid_json"} <= set(skipped)
     assert CANARY.lower() not in (proc.stdout + proc.stderr).decode().lower()
