@@ -317,6 +317,21 @@ class Source:
                     extensions.new_type((oid,), f"LEADSYNC_LENIENT_{oid}", _lenient_cast(caster)),
                     dbapi)
 
+    def read_leniently(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """All rows of a small query, a value the driver cannot read given as None.
+
+        For side queries whose rows are quarantined whatever they hold (rows without a
+        cursor): the strict read failing must not stop the check.
+        """
+        with self.engine.connect() as conn:
+            self._lenient(conn)
+            try:
+                return [{k: None if v is UNCONVERTIBLE or v.__class__ is _Undecodable else v
+                         for k, v in m.items()}
+                        for m in conn.execute(text(sql), params).mappings()]
+            finally:
+                conn.invalidate()
+
     @staticmethod
     def _unreadable(row: dict[str, Any]) -> UnreadableRow | None:
         bad = tuple(k for k, v in row.items()

@@ -154,3 +154,14 @@ def test_postgres_values_out_of_pythons_range_are_markers(pg_empty_url: str, col
         conn.execute(text("SELECT value, event_time, updated_at FROM leads "
                           "WHERE lead_id = 'L05'")).all()
     engine.dispose()
+
+
+def test_rows_without_a_cursor_are_found_even_when_unreadable(sqlite: Engine) -> None:
+    from leadsync.quality import null_cursor_rows
+
+    _insert_sqlite(sqlite, 3, {1: ("first_name", CANARY.encode() + b"\xff")})
+    with sqlite.begin() as conn:
+        conn.execute(text("UPDATE leads SET updated_at = NULL WHERE lead_id IN ('L01', 'L02')"))
+    rows = null_cursor_rows(Source(sqlite, QUERY), 10)
+    assert sorted((r["lead_id"], r["first_name"]) for r in rows) == [("L01", None),
+                                                                      ("L02", "Ann")]
