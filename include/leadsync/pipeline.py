@@ -672,6 +672,10 @@ class Pipeline:
         # An earlier attempt of this step, or a run that died before its verdict, may have
         # left held batches and ledger rows: never sendable, and this pass re-reads the rows.
         self.state.discard_held(name, run_id if run["status"] == RUN_CHECKING else None)
+        if run["status"] == RUN_RUNNING:
+            # This check passed before and released its batches: those no lane took yet are
+            # taken back and staged again by this pass, which counts afresh.
+            self.state.take_back_unsent(name, run_id)
         self.state.update_run(run_id, name, status=RUN_CHECKING)
         source = self._source()
         window = self._window(run)
@@ -880,10 +884,11 @@ class Pipeline:
                         break
                     try:
                         counts = self._send_claimed(run_id, batch, sender, holder)
-                    finally:
+                    except BaseException:
                         # Unwinding (an error, a task killed by Airflow): the batch is free
-                        # again at once. Outcomes already recorded released the claim.
-                        self.state.release_claim(batch.batch_id, holder)
+                        # again at once (recorded outcomes ended the claim already).
+                        self._release(batch.batch_id, holder)
+                        raise
                     totals.update(counts)
                     totals["batches"] += 1
                     if batch_id is not None:
@@ -894,6 +899,13 @@ class Pipeline:
         if batch_id is None:
             log.info("%s of %s drained: %s", name, self.dest.name, dict(totals))
         return dict(totals) if totals["batches"] else {}
+
+    def _release(self, batch_id: str, holder: str) -> None:
+        try:
+            self.state.release_claim(batch_id, holder)
+        except Exception:  # the error being raised matters more; the claim expires anyway
+            log.warning("could not release the claim on batch %s; it expires instead",
+                        batch_id, exc_info=True)
 
     def _send_claimed(self, run_id: str, batch: Batch, sender: BatchSender,
                       holder: str) -> dict[str, int]:
