@@ -81,8 +81,10 @@ def _safe_text(value: Any) -> str:
     try:
         text_.encode()
     except UnicodeEncodeError:
-        text_ = text_.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        text_ = text_.encode("utf-8", "replace").decode()  # lone surrogates of other origins
+        try:  # the bytes SQLite held, each bad one shown as U+FFFD
+            text_ = text_.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:  # lone surrogates of another origin
+            text_ = text_.encode("utf-8", "replace").decode()
     return text_
 
 

@@ -165,3 +165,11 @@ def test_rows_without_a_cursor_are_found_even_when_unreadable(sqlite: Engine) ->
     rows = null_cursor_rows(Source(sqlite, QUERY), 10)
     assert sorted((r["lead_id"], r["first_name"]) for r in rows) == [("L01", None),
                                                                       ("L02", "Ann")]
+
+
+def test_marker_keys_are_always_storable_text() -> None:
+    from leadsync.source import _safe_text
+
+    assert _safe_text(b"L\xff1".decode("utf-8", "surrogateescape")) == "L\ufffd1"
+    assert _safe_text("L\ud83d1") == "L?1"
+    assert _safe_text(None) == "" and _safe_text(42) == "42"
