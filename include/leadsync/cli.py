@@ -24,6 +24,10 @@ SANDBOX_TIKTOK_TOKEN = "sandbox-tiktok-token"  # noqa: S105 - the local emulator
 SANDBOX_TIKTOK_CRM_EVENT_SET = "SANDBOXCRM00000000001"
 SANDBOX_TIKTOK_PIXEL = "SANDBOXPIXEL000000001"
 SANDBOX_GOOGLE_TOKEN = "sandbox-google-token"  # noqa: S105 - a static bearer, no OAuth
+SANDBOX_PINTEREST_TOKEN = "sandbox-pinterest-token"  # noqa: S105 - the emulator's fixed token
+SANDBOX_PINTEREST_AD_ACCOUNT = "549755885175"
+SANDBOX_REDDIT_TOKEN = "sandbox-reddit-token"  # noqa: S105 - the emulator's fixed token
+SANDBOX_REDDIT_PIXEL = "t2_sandbox01"
 
 
 class CliError(RuntimeError):
@@ -98,6 +102,12 @@ def sandbox_connection(dest: Any, url: str) -> dict[str, Any]:
     if dest.type in ("google_datamanager", "google_ads"):
         # A static token: the sandbox stands in for Google, no OAuth endpoint is contacted.
         return {"conn_type": "http", "host": url, "extra": {"access_token": SANDBOX_GOOGLE_TOKEN}}
+    if dest.type == "pinterest":
+        return {"conn_type": "http", "host": url, "password": SANDBOX_PINTEREST_TOKEN,
+                "extra": {"ad_account_id": SANDBOX_PINTEREST_AD_ACCOUNT}}
+    if dest.type == "reddit":
+        return {"conn_type": "http", "host": url, "password": SANDBOX_REDDIT_TOKEN,
+                "extra": {"pixel_id": SANDBOX_REDDIT_PIXEL}}
     raise CliError(f"destination {dest.name!r}: no sandbox for type {dest.type!r}")
 
 
@@ -297,6 +307,8 @@ def _render_credentials(dest: Any) -> Any:
             # Never used to mint anything: render sends nothing and masks auth headers.
             "google_datamanager": (None, {"access_token": "placeholder"}),
             "google_ads": (None, {"access_token": "placeholder"}),
+            "pinterest": ("placeholder", {"ad_account_id": SANDBOX_PINTEREST_AD_ACCOUNT}),
+            "reddit": ("placeholder", {"pixel_id": SANDBOX_REDDIT_PIXEL}),
         }
         password, extra = placeholders[dest.type]
         return module.parse_credentials(None, password, extra)
@@ -332,7 +344,10 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
           f"{SANDBOX_TIKTOK_CRM_EVENT_SET} (CRM), {SANDBOX_TIKTOK_PIXEL} (pixel)\n"
           f"  Google (Data Manager, Ads API): bearer {SANDBOX_GOOGLE_TOKEN!r}, customers "
           f"{', '.join(sorted(cfg.google_customers))}, conversion actions "
-          f"{', '.join(google)}", flush=True)
+          f"{', '.join(google)}\n"
+          f"  Pinterest: token {SANDBOX_PINTEREST_TOKEN!r}, ad account "
+          f"{SANDBOX_PINTEREST_AD_ACCOUNT}\n"
+          f"  Reddit: token {SANDBOX_REDDIT_TOKEN!r}, pixel {SANDBOX_REDDIT_PIXEL}", flush=True)
     serve(host=args.host, port=args.port, config=cfg)
     return 0
 

@@ -32,7 +32,8 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
-DESTINATION_TYPES = ("meta", "tiktok", "google_datamanager", "google_ads")
+DESTINATION_TYPES = ("meta", "tiktok", "google_datamanager", "google_ads",
+                     "pinterest", "reddit")
 _GOOGLE_TYPES = ("google_datamanager", "google_ads")
 _CUSTOMER_ID_RE = re.compile(r"^\d{10}$")
 _CONVERSION_ACTION_RE = re.compile(r"^\d{1,20}$")
@@ -125,7 +126,8 @@ class DestinationConfig(_Strict):
     """One platform destination: its own DAG, watermark and ledger."""
 
     name: str
-    type: Literal["meta", "tiktok", "google_datamanager", "google_ads"]
+    type: Literal["meta", "tiktok", "google_datamanager", "google_ads",
+                  "pinterest", "reddit"]
     schedule: str = "@hourly"
     connection_id: str | None = None
     enabled: bool = True
@@ -198,6 +200,8 @@ class DestinationConfig(_Strict):
                              "lead.lead_event_source, e.g. 'HubSpot', 'Salesforce')")
         if self.type != "meta" and self.action_source is not None:
             raise ValueError(f"action_source: only for type 'meta', not {self.type!r}")
+        if self.type == "pinterest":
+            self._pinterest_rules()
         if self.type in _GOOGLE_TYPES:
             self._google_rules()
         else:
@@ -205,6 +209,16 @@ class DestinationConfig(_Strict):
                 if getattr(self, key) is not None:
                     raise ValueError(f"{key}: only for Google types, not {self.type!r}")
         return self
+
+    def _pinterest_rules(self) -> None:
+        # Pinterest takes only its own event names (custom stages become "custom").
+        allowed = ("add_payment_info", "add_to_cart", "add_to_wishlist", "app_install",
+                   "checkout", "custom", "initiate_checkout", "lead", "page_visit", "search",
+                   "signup", "subscribe", "view_category", "view_content", "watch_video")
+        for stage, event in self.stages.items():
+            if str(event).strip() not in allowed:
+                raise ValueError(f"stages.{stage}: {event!r} is not a Pinterest event_name; "
+                                 f"use one of {list(allowed)} (custom stages: 'custom')")
 
     def _google_rules(self) -> None:
         if self.customer_id is None:

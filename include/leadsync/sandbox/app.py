@@ -40,6 +40,8 @@ PLATFORM_MODULES: tuple[str, ...] = (
     "leadsync.sandbox.tiktok",
     "leadsync.sandbox.google_datamanager",
     "leadsync.sandbox.google_ads",
+    "leadsync.sandbox.pinterest",
+    "leadsync.sandbox.reddit",
 )
 
 _ONE_DAY = 24 * 3600
@@ -70,6 +72,11 @@ class SandboxConfig:
         google_max_age_seconds: How old a Google conversion may be (the click-through window).
         datamanager_processing_seconds: How long a Data Manager request stays PROCESSING
             before ``requestStatus:retrieve`` reports its outcome.
+        pinterest_tokens: Conversion access tokens the Pinterest emulator accepts (Bearer).
+        pinterest_ad_accounts: Pinterest ad account ids those tokens may send to.
+        reddit_tokens: Conversion access tokens the Reddit emulator accepts (Bearer).
+        reddit_pixels: Reddit pixel ids those tokens may send to.
+        reddit_max_age_seconds: How old a Reddit ``event_at`` may be (7 days).
     """
 
     meta_tokens: set[str] = field(default_factory=lambda: {"sandbox-meta-token"})
@@ -92,6 +99,11 @@ class SandboxConfig:
     google_ads_allowlisted: set[str] | None = None  # None: every google_customers account
     google_max_age_seconds: int = 90 * _ONE_DAY
     datamanager_processing_seconds: float = 0.0
+    pinterest_tokens: set[str] = field(default_factory=lambda: {"sandbox-pinterest-token"})
+    pinterest_ad_accounts: set[str] = field(default_factory=lambda: {"549755885175"})
+    reddit_tokens: set[str] = field(default_factory=lambda: {"sandbox-reddit-token"})
+    reddit_pixels: set[str] = field(default_factory=lambda: {"t2_sandbox01"})
+    reddit_max_age_seconds: int = 7 * _ONE_DAY
 
 
 # --------------------------------------------------------------------------------------------
