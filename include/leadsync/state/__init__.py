@@ -1,0 +1,76 @@
+"""The state store: watermarks, ledger, outbox batches, quarantine, runs and leases.
+
+A SQLAlchemy database of its own (embedded SQLite by default, Postgres in production). The
+schema is created and migrated by :meth:`StateStore.migrate`; a change is a new entry in
+``MIGRATIONS`` (:mod:`leadsync.state.schema`), never an edit of an old one.
+
+Nothing here holds raw personal data: the ledger and quarantine are keyed by the CRM's
+lead_id and stage, and the outbox holds payloads whose identifiers are already hashed.
+
+The store is one class composed of parts with one job each, all over one engine:
+:mod:`~leadsync.state.schema` (tables, migrations), :mod:`~leadsync.state.leases`,
+:mod:`~leadsync.state.runs` (runs, watermarks), :mod:`~leadsync.state.ledger` (ledger, outbox),
+:mod:`~leadsync.state.quarantine` and :mod:`~leadsync.state.requests`.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine
+
+from leadsync.state.leases import LeasePart
+from leadsync.state.ledger import LedgerPart
+from leadsync.state.model import (
+    BATCH_DONE,
+    BATCH_PENDING,
+    DELIVERED,
+    EXPIRED,
+    FAILED,
+    PENDING,
+    REEVALUATE,
+    SKIPPED,
+    TERMINAL,
+    Batch,
+    Cursor,
+    EventOutcome,
+    LeaseBusyError,
+    LedgerEntry,
+    LedgerRecord,
+    QuarantineRecord,
+    json_lead_id,
+    utcnow,
+)
+from leadsync.state.quarantine import QuarantinePart
+from leadsync.state.requests import RequestPart
+from leadsync.state.runs import RunPart
+from leadsync.state.schema import (
+    MIGRATIONS,
+    REQUEST_SENT,
+    SCHEMA_VERSION,
+    SchemaPart,
+    UTCDateTime,
+    leases,
+    ledger,
+    metadata,
+    outbox,
+    platform_requests,
+    quarantine,
+    runs,
+    schema_version,
+    watermarks,
+)
+
+__all__ = [
+    "BATCH_DONE", "BATCH_PENDING", "DELIVERED", "EXPIRED", "FAILED", "MIGRATIONS", "PENDING",
+    "REEVALUATE", "REQUEST_SENT", "SCHEMA_VERSION", "SKIPPED", "TERMINAL", "Batch", "Cursor",
+    "EventOutcome", "LeaseBusyError", "LedgerEntry", "LedgerRecord", "QuarantineRecord",
+    "StateStore", "UTCDateTime", "json_lead_id", "leases", "ledger", "metadata", "outbox",
+    "platform_requests", "quarantine", "runs", "schema_version", "utcnow", "watermarks",
+]
+
+
+class StateStore(SchemaPart, LeasePart, RunPart, LedgerPart, QuarantinePart, RequestPart):
+    """All reads and writes of leadsync's own state."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._migrated = False

@@ -1,0 +1,292 @@
+"""The ledger (one row per destination + event) and the outbox (hashed payloads, one batch
+one request, purged once delivered)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection
+
+from leadsync.state.model import (
+    BATCH_DONE,
+    BATCH_PENDING,
+    DELIVERED,
+    PENDING,
+    Batch,
+    Cursor,
+    EventOutcome,
+    LedgerEntry,
+    LedgerRecord,
+    StorePart,
+    _cursor_from_json,
+    _cursor_json,
+    _event_key,
+    utcnow,
+)
+from leadsync.state.runs import _update_run
+from leadsync.state.schema import ledger, outbox
+
+
+class _StoredEnvelope(msgspec.Struct):
+    """An outbox envelope decoded with its body left as the JSON it was stored as."""
+
+    event_id: str
+    event_time: int
+    body: msgspec.Raw
+
+
+_EVENTS_ENCODER = msgspec.json.Encoder()
+_RAW_ENVELOPES = msgspec.json.Decoder(list[_StoredEnvelope])
+
+
+def _encode_events(events: Sequence[Mapping[str, Any]]) -> str:
+    """An outbox payload: the envelopes as JSON (bodies given as ``msgspec.Raw`` are stored
+    as they are: an event is serialised once, when it is staged)."""
+    return _EVENTS_ENCODER.encode(events).decode()
+
+
+def _decode_events(payload: str, raw_bodies: bool) -> list[dict[str, Any]]:
+    if not raw_bodies:
+        decoded: list[dict[str, Any]] = msgspec.json.decode(payload)
+        return decoded
+    return [{"event_id": e.event_id, "event_time": e.event_time, "body": e.body}
+            for e in _RAW_ENVELOPES.decode(payload)]
+
+
+
+class LedgerPart(StorePart):
+    """Event outcomes and the outbox batches that carry pending events."""
+
+    def ledger_lookup(self, destination: str, event_ids: Sequence[str]) -> dict[str, LedgerEntry]:
+        """Status of the given events (absent = never seen)."""
+        found: dict[str, LedgerEntry] = {}
+        ids = list(dict.fromkeys(event_ids))
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 900):
+                part = ids[start : start + 900]
+                rows = conn.execute(
+                    select(ledger.c.event_id, ledger.c.status, ledger.c.source_ts).where(
+                        ledger.c.destination == destination, ledger.c.event_id.in_(part)
+                    )
+                )
+                for row in rows:
+                    found[row.event_id] = LedgerEntry(row.status, row.source_ts)
+        return found
+
+    def _upsert_ledger(
+        self, conn: Connection, destination: str, records: Sequence[LedgerRecord], run_id: str
+    ) -> None:
+        if not records:
+            return
+        now = utcnow()
+        ids = [r.event_id for r in records]
+        existing: set[str] = set()
+        for start in range(0, len(ids), 900):
+            existing.update(
+                conn.execute(
+                    select(ledger.c.event_id).where(
+                        ledger.c.destination == destination,
+                        ledger.c.event_id.in_(ids[start : start + 900]),
+                    )
+                ).scalars()
+            )
+        fresh = [r for r in records if r.event_id not in existing]
+        again = [r for r in records if r.event_id in existing]
+        if fresh:
+            conn.execute(
+                insert(ledger),
+                [
+                    {
+                        "destination": destination,
+                        "event_id": r.event_id,
+                        "lead_id": r.lead_id,
+                        "stage": r.stage,
+                        "event_name": r.event_name,
+                        "status": r.status,
+                        "reason": r.reason,
+                        "detail": r.detail,
+                        "batch_id": r.batch_id,
+                        "attempts": 0,
+                        "source_ts": r.source_ts,
+                        "event_time": r.event_time,
+                        "run_id": run_id,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for r in fresh
+                ],
+            )
+        for r in again:
+            conn.execute(
+                update(ledger)
+                .where(ledger.c.destination == destination, ledger.c.event_id == r.event_id)
+                .values(
+                    status=r.status,
+                    reason=r.reason,
+                    detail=r.detail,
+                    batch_id=r.batch_id,
+                    event_name=r.event_name,
+                    source_ts=r.source_ts,
+                    event_time=r.event_time,
+                    run_id=run_id,
+                    updated_at=now,
+                )
+            )
+
+    def record_terminal(
+        self, destination: str, run_id: str, records: Sequence[LedgerRecord]
+    ) -> None:
+        """Writes events that end without a send (expired, skipped)."""
+        with self.engine.begin() as conn:
+            self._upsert_ledger(conn, destination, records, run_id)
+
+    # -- outbox -------------------------------------------------------------------------
+
+    def stage_batch(
+        self,
+        destination: str,
+        run_id: str,
+        batch_id: str,
+        seq: int,
+        events: list[dict[str, Any]],
+        records: Sequence[LedgerRecord],
+        prev_cursor: Cursor | None,
+    ) -> None:
+        """Writes one outbox batch and its pending ledger rows in one transaction."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(outbox).values(
+                    batch_id=batch_id,
+                    destination=destination,
+                    run_id=run_id,
+                    seq=seq,
+                    status=BATCH_PENDING,
+                    n_events=len(events),
+                    payload=_encode_events(events),
+                    prev_cursor=_cursor_json(prev_cursor),
+                    attempts=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            self._upsert_ledger(conn, destination, records, run_id)
+
+    def pending_batch_ids(self, destination: str) -> list[str]:
+        """Batches still to send, oldest first (earlier runs' leftovers before new work)."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(outbox.c.batch_id)
+                    .where(outbox.c.destination == destination, outbox.c.status == BATCH_PENDING)
+                    .order_by(outbox.c.created_at, outbox.c.seq)
+                ).scalars()
+            )
+
+    def load_batch(self, batch_id: str, *, raw_bodies: bool = False) -> Batch | None:
+        """One outbox batch with its payload.
+
+        With ``raw_bodies`` each event's ``body`` is its JSON as stored (``msgspec.Raw``),
+        for destinations whose requests embed events as they are (``RAW_EVENT_BODIES``):
+        nothing is decoded and encoded again to send it.
+        """
+        with self.engine.connect() as conn:
+            row = conn.execute(select(outbox).where(outbox.c.batch_id == batch_id)).first()
+        if row is None:
+            return None
+        return Batch(
+            batch_id=row.batch_id,
+            destination=row.destination,
+            run_id=row.run_id,
+            status=row.status,
+            events=_decode_events(row.payload, raw_bodies) if row.payload else [],
+            attempts=row.attempts,
+            prev_cursor=_cursor_from_json(row.prev_cursor),
+        )
+
+    def note_attempt(self, batch_id: str, error: str | None) -> None:
+        """Counts a send attempt that left the batch pending."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(outbox)
+                .where(outbox.c.batch_id == batch_id)
+                .values(attempts=outbox.c.attempts + 1, last_error=error, updated_at=utcnow())
+            )
+
+    def record_outcomes(
+        self,
+        batch: Batch,
+        outcomes: Mapping[str, EventOutcome],
+        run_id: str,
+        counts: Mapping[str, int] | None = None,
+    ) -> None:
+        """Records per-event outcomes of a batch, and closes it once nothing is pending.
+
+        One transaction: the ledger, the outbox and the run's counters move together, so a
+        crash leaves either the old state (the batch is resent with the same ids) or the new.
+        """
+        now = utcnow()
+        with self.engine.begin() as conn:
+            by_status: dict[tuple[str, str | None, str | None], list[str]] = {}
+            for event_id, outcome in outcomes.items():
+                by_status.setdefault(
+                    (outcome.status, outcome.reason, outcome.detail), []
+                ).append(event_id)
+            for (status, reason, detail), ids in by_status.items():
+                values: dict[str, Any] = {
+                    "status": status,
+                    "reason": reason,
+                    "detail": detail,
+                    "updated_at": now,
+                    "attempts": ledger.c.attempts + 1,
+                }
+                if status == DELIVERED:
+                    values["delivered_at"] = now
+                for start in range(0, len(ids), 900):
+                    conn.execute(
+                        update(ledger)
+                        .where(
+                            ledger.c.destination == batch.destination,
+                            ledger.c.event_id.in_(ids[start : start + 900]),
+                        )
+                        .values(**values)
+                    )
+            remaining = [
+                e for e in batch.events if outcomes.get(_event_key(e), EventOutcome(PENDING)).status
+                == PENDING
+            ]
+            if remaining:
+                conn.execute(
+                    update(outbox)
+                    .where(outbox.c.batch_id == batch.batch_id)
+                    .values(
+                        payload=_encode_events(remaining),
+                        n_events=len(remaining),
+                        attempts=outbox.c.attempts + 1,
+                        updated_at=now,
+                    )
+                )
+            else:
+                # Delivered: the hashed payload is purged, the ledger keeps the outcome.
+                conn.execute(
+                    update(outbox)
+                    .where(outbox.c.batch_id == batch.batch_id)
+                    .values(
+                        status=BATCH_DONE,
+                        payload=None,
+                        attempts=outbox.c.attempts + 1,
+                        updated_at=now,
+                    )
+                )
+            if counts:
+                _update_run(conn, run_id, batch.destination, counts)
+    def ledger_rows(self, destination: str) -> list[dict[str, Any]]:
+        """Every ledger row of a destination (tests and inspection)."""
+        with self.engine.connect() as conn:
+            return [
+                dict(r._mapping)
+                for r in conn.execute(select(ledger).where(ledger.c.destination == destination))
+            ]

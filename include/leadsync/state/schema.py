@@ -1,0 +1,269 @@
+"""The state store's tables and migrations.
+
+A change of schema is a new entry in ``MIGRATIONS``, never an edit of an old one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    func,
+    insert,
+    select,
+)
+from sqlalchemy import text as sql_text
+from sqlalchemy.engine import Connection, Dialect
+
+from leadsync.state.model import StorePart, utcnow
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC (portable across SQLite and Postgres), returns aware UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the state store; use UTC-aware times")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+schema_version = Table(
+    "ls_schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", UTCDateTime, nullable=False),
+)
+
+watermarks = Table(
+    "ls_watermarks",
+    metadata,
+    Column("destination", String(64), primary_key=True),
+    Column("cursor_ts", UTCDateTime, nullable=False),
+    Column("cursor_lead_id", Text, nullable=False),  # JSON, keeps the warehouse type
+    Column("cursor_stage", String(64), nullable=False),
+    Column("run_id", String(250)),
+    Column("moved_at", UTCDateTime, nullable=False),
+)
+
+ledger = Table(
+    "ls_ledger",
+    metadata,
+    Column("destination", String(64), primary_key=True),
+    Column("event_id", String(128), primary_key=True),
+    Column("lead_id", String(128), nullable=False),
+    Column("stage", String(64), nullable=False),
+    Column("event_name", String(128)),
+    Column("status", String(16), nullable=False),
+    Column("reason", String(64)),
+    Column("detail", Text),  # the platform's message for failures (no identifiers)
+    Column("batch_id", String(64)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("source_ts", UTCDateTime, nullable=False),
+    Column("event_time", UTCDateTime),
+    Column("run_id", String(250)),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("delivered_at", UTCDateTime),
+    Index("ix_ls_ledger_status", "destination", "status"),
+    Index("ix_ls_ledger_lead", "destination", "lead_id"),
+)
+
+outbox = Table(
+    "ls_outbox",
+    metadata,
+    Column("batch_id", String(64), primary_key=True),
+    Column("destination", String(64), nullable=False),
+    Column("run_id", String(250)),
+    Column("seq", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("n_events", Integer, nullable=False),
+    Column("payload", Text),  # JSON list of events, identifiers hashed; NULL once done
+    Column("prev_cursor", Text),  # JSON cursor of the last row read before the first event
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_ls_outbox_dest_status", "destination", "status", "created_at"),
+)
+
+quarantine = Table(
+    "ls_quarantine",
+    metadata,
+    Column("destination", String(64), primary_key=True),
+    Column("lead_id", String(128), primary_key=True),
+    Column("stage", String(64), primary_key=True),
+    Column("rule", String(64), nullable=False),
+    Column("detail", Text),
+    Column("source_ts", UTCDateTime),
+    Column("run_id", String(250)),
+    Column("first_seen", UTCDateTime, nullable=False),
+    Column("last_seen", UTCDateTime, nullable=False),
+    Column("resolved_at", UTCDateTime),
+)
+
+runs = Table(
+    "ls_runs",
+    metadata,
+    Column("run_id", String(250), primary_key=True),
+    Column("destination", String(64), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Column("window_lo", UTCDateTime),
+    Column("window_hi", UTCDateTime, nullable=False),
+    Column("window_max", Text),  # JSON cursor of the last row read
+    Column("watermark_before", Text),
+    Column("watermark_after", Text),
+    Column("counts", Text, nullable=False, default="{}"),
+)
+
+leases = Table(
+    "ls_leases",
+    metadata,
+    Column("destination", String(64), primary_key=True),
+    Column("holder", String(300), nullable=False),
+    Column("acquired_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+)
+
+# Requests a platform accepted for asynchronous processing (Data Manager requestId), found
+# through the ledger (delivered events keep the request id as detail) and looked up on later
+# runs until the platform reports a final status. Migration 2.
+platform_requests = Table(
+    "ls_requests",
+    metadata,
+    Column("destination", String(64), primary_key=True),
+    Column("request_id", String(512), primary_key=True),
+    Column("batch_id", String(64)),
+    Column("run_id", String(250)),
+    Column("n_events", Integer, nullable=False),
+    Column("sent_at", UTCDateTime, nullable=False),
+    Column("status", String(32), nullable=False),  # SENT until checked, then the platform's
+    Column("done", Integer, nullable=False, default=0),
+    Column("checks", Integer, nullable=False, default=0),
+    Column("checked_at", UTCDateTime),
+    Column("next_check_at", UTCDateTime, nullable=False),
+    Column("counts", Text),  # JSON: per platform destination, record counts by outcome
+    Column("message", Text),
+    Index("ix_ls_requests_due", "destination", "done", "next_check_at"),
+)
+REQUEST_SENT = "SENT"
+
+
+def _migration_1(conn: Connection) -> None:
+    metadata.create_all(
+        conn, tables=[watermarks, ledger, outbox, quarantine, runs, leases], checkfirst=True
+    )
+
+
+def _migration_2(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[platform_requests], checkfirst=True)
+    # Finds delivered events carrying a request id (reason 'receipt') changed since a time.
+    conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS ix_ls_ledger_reason "
+        "ON ls_ledger (destination, reason, updated_at)"
+    )
+
+
+# Ordered; each entry runs once, in its own transaction, recorded in ls_schema_version.
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
+SCHEMA_VERSION = len(MIGRATIONS)
+# Postgres advisory lock key that serialises migrators (any constant unique to leadsync).
+_MIGRATION_LOCK = 0x6C65616473796E63  # "leadsync"
+
+
+
+class SchemaPart(StorePart):
+    """Creates and migrates the schema; keeps the planner's statistics current."""
+
+    _migrated: bool = False
+
+    def migrate(self) -> int:
+        """Creates or upgrades the schema; returns the version now in force.
+
+        Safe when several workers start on a fresh database at once: creating a table is
+        check-then-create, so migrators take turns (a Postgres advisory lock, an immediate
+        SQLite transaction) and each finds the work of the one before it done.
+        """
+        if self._migrated:
+            return SCHEMA_VERSION
+        postgres = self.engine.dialect.name == "postgresql"
+        with self.engine.connect() as conn:
+            lock = {"key": _MIGRATION_LOCK}
+            if postgres:
+                conn.execute(sql_text("SELECT pg_advisory_lock(:key)"), lock)
+                conn.commit()
+            try:
+                with self._migration_transaction(conn):
+                    metadata.create_all(conn, tables=[schema_version], checkfirst=True)
+                for version, migration in enumerate(MIGRATIONS, start=1):
+                    with self._migration_transaction(conn):
+                        done = conn.execute(
+                            select(schema_version.c.version).where(
+                                schema_version.c.version == version
+                            )
+                        ).first()
+                        if not done:
+                            migration(conn)
+                            conn.execute(
+                                insert(schema_version).values(version=version, applied_at=utcnow())
+                            )
+            finally:
+                if postgres:
+                    conn.rollback()
+                    conn.execute(sql_text("SELECT pg_advisory_unlock(:key)"), lock)
+                    conn.commit()
+        self._migrated = True
+        return SCHEMA_VERSION
+
+    @contextmanager
+    def _migration_transaction(self, conn: Connection) -> Iterator[None]:
+        with conn.begin():
+            if conn.dialect.name == "sqlite":
+                # Takes the write lock before the existence checks, not at the first CREATE.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            yield
+
+    def version(self) -> int:
+        """The highest applied migration."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.max(schema_version.c.version))).scalar() or 0)
+
+    def analyze(self) -> None:
+        """Refreshes the planner's statistics of the ledger and outbox (Postgres).
+
+        Without them (autovacuum off, or lagging behind a first run or a backfill) Postgres
+        looks events up through the status index and reads every ledger row of the
+        destination per lookup: measured 56–107 ms instead of 2.6 ms by primary key.
+        """
+        if self.engine.dialect.name != "postgresql":
+            return
+        with self.engine.begin() as conn:
+            conn.execute(sql_text("ANALYZE ls_ledger"))
+            conn.execute(sql_text("ANALYZE ls_outbox"))
