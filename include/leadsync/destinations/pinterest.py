@@ -138,20 +138,21 @@ def normalize_zip_pinterest(value: object, country: object = None) -> str | None
     return normalize_zip(value, country)
 
 
-#: ``user_data`` hashed keys (module docstring). Phone is E.164 digits without '+'.
+#: ``user_data`` hashed keys (module docstring). Phone is E.164 digits without '+'. Low-
+#: cardinality fields are memoised by raw value, bounded, as in Meta's rules.
 PINTEREST_RULES: Final = Ruleset(
     "pinterest",
     (
         value_rule("em", "email", normalize_email),
         country_rule("ph", "phone", normalize_phone_digits),
-        value_rule("fn", "first_name", normalize_name),
-        value_rule("ln", "last_name", normalize_name),
-        value_rule("ct", "city", normalize_city),
-        country_rule("st", "state", normalize_state),
-        country_rule("zp", "zip", normalize_zip_pinterest),
-        value_rule("country", "country", normalize_country),
-        value_rule("db", "date_of_birth", normalize_date_of_birth),
-        value_rule("ge", "gender", normalize_gender_pinterest),
+        value_rule("fn", "first_name", normalize_name, memoize=True),
+        value_rule("ln", "last_name", normalize_name, memoize=True),
+        value_rule("ct", "city", normalize_city, memoize=True),
+        country_rule("st", "state", normalize_state, memoize=True),
+        country_rule("zp", "zip", normalize_zip_pinterest, memoize=True),
+        value_rule("country", "country", normalize_country, memoize=True),
+        value_rule("db", "date_of_birth", normalize_date_of_birth, memoize=True),
+        value_rule("ge", "gender", normalize_gender_pinterest, memoize=True),
         value_rule("external_id", "external_id", normalize_external_id),
     ),
 )
