@@ -31,6 +31,8 @@
 --   fbc, fbp                   Meta browser cookies (_fbc, _fbp), sent as they are
 --   ttclid, ttp                TikTok click id and _ttp cookie, sent as they are
 --   gclid, gbraid, wbraid      Google Ads click ids, sent as they are
+--   epik                       Pinterest click id (_epik cookie / &epik= parameter), sent as it is
+--   rdt_cid                    Reddit click id (rdt_cid URL parameter), sent as it is
 --   client_ip, user_agent, event_source_url
 --                              the browser context of web leads, sent where the platform takes it
 --   meta_lead_id, tiktok_lead_id

@@ -230,3 +230,20 @@ def test_the_destination_module_against_the_emulator(client: TestClient) -> None
     assert {e["event_id"] for e in landed} == delivered
     # rejected request, throttled resend, accepted resend
     assert (stats(client)["requests"], report.retries) == (3, 1)
+
+
+def test_the_default_config_sends_to_both_new_platforms_in_the_demo() -> None:
+    """The bundled config lists Pinterest and Reddit, and the demo's sandbox connections for
+    them parse into credentials the default emulators accept."""
+    from leadsync.cli import sandbox_credentials
+    from leadsync.config import DEFAULT_CONFIG_PATH, load_config
+
+    config = load_config(DEFAULT_CONFIG_PATH)
+    by_type = {d.type: d for d in config.destinations}
+    sandbox = SandboxConfig()
+    pin_creds = sandbox_credentials(by_type["pinterest"], "http://127.0.0.1:1")
+    assert pin_creds.access_token in sandbox.pinterest_tokens
+    assert pin_creds.ad_account_id in sandbox.pinterest_ad_accounts
+    reddit_creds = sandbox_credentials(by_type["reddit"], "http://127.0.0.1:1")
+    assert reddit_creds.access_token in sandbox.reddit_tokens
+    assert reddit_creds.pixel_id in sandbox.reddit_pixels
