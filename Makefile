@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 UV_VERSION := 0.13.8
 export LEADSYNC_HOME ?= $(CURDIR)/.leadsync
 
-.PHONY: demo test lint unit integration bench soak venv clean lock
+.PHONY: demo test lint unit integration bench soak venv clean lock cluster cluster-stop ui
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,21 @@ bench: venv
 soak: venv
 	$(BIN)/pytest tests/integration/test_faults.py -k random_fault_schedules \
 		--schedules $${SCHEDULES:-1000} --timeout 0 -q -s -p no:cacheprovider
+
+# A local Airflow on the CeleryExecutor (API server, scheduler, dag-processor, triggerer, two
+# Celery workers) on this machine's Postgres and Redis, plus the sandbox; detached. Idempotent.
+# LEADSYNC_CLUSTER_PG / LEADSYNC_CLUSTER_REDIS override postgresql://postgres@127.0.0.1:5432
+# and redis://127.0.0.1:6379/0.
+cluster: venv
+	$(BIN)/python -m leadsync.cluster start
+
+# Stops exactly the processes `make cluster` started (its databases stay for the next start).
+cluster-stop: venv
+	$(BIN)/python -m leadsync.cluster stop
+
+# The Airflow UI over the demo's own Airflow home (runs, logs), with the sandbox connections.
+ui: venv
+	$(BIN)/python -m leadsync.cluster ui
 
 # Regenerates the locks from the short top-level lists (needs network to PyPI).
 lock: | $(BIN)/python

@@ -13,8 +13,11 @@ One DAG per destination in `include/leadsync.yaml` (dag_id `leadsync_<name>`). E
 3. **stage_events** streams the window again, skips the rows the check quarantined, decides
    eligibility (stage mapped, consent, age window, match keys), hashes identifiers and writes
    outbox batches (hashed only).
-4. **push_batch** (mapped, one task per outbox batch, older leftovers first) sends one request
-   and records each event's outcome in the ledger.
+4. **push_lane** (mapped over the destination's `push_lanes`, default 2: a fixed number of
+   task instances whatever the backlog) drains the pending outbox batches, older leftovers
+   first: each lane claims one batch at a time atomically (two lanes or workers never send
+   one batch), sends it through one HTTP session and records each event's outcome in the
+   ledger.
 5. **commit_watermark** moves the watermark past terminal rows only and frees the lease; after
    a failed contract check it only frees the lease (the watermark stays).
 6. **check_requests** (platforms that process asynchronously: Google Data Manager), alongside
@@ -88,14 +91,14 @@ def build_dag(dest: DestinationConfig) -> DAG:
             return list(pipeline_for(dest.name).stage(run["run_id"])["batch_ids"])
 
         @task(retries=3)
-        def push_batch(batch_id: str, **context: Any) -> dict[str, int]:
+        def push_lane(lane: int, **context: Any) -> dict[str, int]:
             from airflow.sdk.exceptions import AirflowFailException
 
             from leadsync.destinations.base import CredentialsError, FatalDestinationError
             from leadsync.tasks import pipeline_for
 
             try:
-                return pipeline_for(dest.name).push(context["run_id"], batch_id)
+                return pipeline_for(dest.name).push_lane(context["run_id"], lane)
             except (CredentialsError, FatalDestinationError) as exc:
                 raise AirflowFailException(str(exc)) from None  # no retry: fix config first
 
@@ -116,21 +119,20 @@ def build_dag(dest: DestinationConfig) -> DAG:
                     f"{summary['watermark_after']}, and the lease is released"
                 )
             if summary["pending_batches"]:
+                from leadsync.tasks import failed_tasks, pending_message
+
                 # The leaf task decides the run's colour: a run that left events pending is red.
-                raise AirflowFailException(
-                    f"{summary['pending_batches']} outbox batch(es) of {dest.name} are still "
-                    "pending (see push_batch logs); the next run resends them with the same "
-                    "event ids"
-                )
+                raise AirflowFailException(pending_message(
+                    dest.name, summary["pending_batches"], failed_tasks(context["ti"])))
             return summary
 
         run = open_run()
         checked = check_contract(run)  # type: ignore[arg-type]  # XComArg resolves at runtime
         batches = stage_events(run)  # type: ignore[arg-type]
         checked >> batches
-        pushed = push_batch.expand(batch_id=batches)
+        lanes = push_lane.expand(lane=list(range(dest.push_lanes)))
         committed = commit_watermark()
-        batches >> pushed >> committed
+        batches >> lanes >> committed
 
         if has_request_status(dest.type):
 

@@ -24,6 +24,9 @@ SANDBOX_TIKTOK_TOKEN = "sandbox-tiktok-token"  # noqa: S105 - the local emulator
 SANDBOX_TIKTOK_CRM_EVENT_SET = "SANDBOXCRM00000000001"
 SANDBOX_TIKTOK_PIXEL = "SANDBOXPIXEL000000001"
 SANDBOX_GOOGLE_TOKEN = "sandbox-google-token"  # noqa: S105 - a static bearer, no OAuth
+SANDBOX_LINKEDIN_TOKEN = "sandbox-linkedin-token"  # noqa: S105 - the local emulator's token
+SANDBOX_SNAPCHAT_TOKEN = "sandbox-snapchat-token"  # noqa: S105 - the local emulator's token
+SANDBOX_SNAPCHAT_PIXEL = "5a9d5a9d-0000-4000-8000-000000000001"
 SANDBOX_PINTEREST_TOKEN = "sandbox-pinterest-token"  # noqa: S105 - the emulator's fixed token
 SANDBOX_PINTEREST_AD_ACCOUNT = "549755885175"
 SANDBOX_REDDIT_TOKEN = "sandbox-reddit-token"  # noqa: S105 - the emulator's fixed token
@@ -102,6 +105,12 @@ def sandbox_connection(dest: Any, url: str) -> dict[str, Any]:
     if dest.type in ("google_datamanager", "google_ads"):
         # A static token: the sandbox stands in for Google, no OAuth endpoint is contacted.
         return {"conn_type": "http", "host": url, "extra": {"access_token": SANDBOX_GOOGLE_TOKEN}}
+    if dest.type == "linkedin":
+        return {"conn_type": "http", "host": url, "password": SANDBOX_LINKEDIN_TOKEN,
+                "extra": {}}
+    if dest.type == "snapchat":
+        return {"conn_type": "http", "host": url, "password": SANDBOX_SNAPCHAT_TOKEN,
+                "extra": {"pixel_id": SANDBOX_SNAPCHAT_PIXEL}}
     if dest.type == "pinterest":
         return {"conn_type": "http", "host": url, "password": SANDBOX_PINTEREST_TOKEN,
                 "extra": {"ad_account_id": SANDBOX_PINTEREST_AD_ACCOUNT}}
@@ -177,6 +186,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stats = _sandbox_stats(sandbox.url)
     print()
     _print_demo_summary(results, stats)
+    print("\nSee these runs, their task logs and the DAGs in the Airflow UI: `make ui`. "
+          "On the CeleryExecutor with a scheduler and two workers: `make cluster`.")
     return 1 if any(r[3] for r in results) else 0
 
 
@@ -210,7 +221,12 @@ def _print_demo_summary(results: list[Any], stats: dict[str, Any]) -> None:
             by_rule = ", ".join(f"{k}={v}" for k, v in sorted(rules.items())) or "none"
             print(f"   contract : checked {counts['checked']} rows; quarantined by rule: "
                   f"{by_rule}")
-        reasons = {k: v for k, v in counts.items() if "." in k}
+            dropped = _dropped_identifiers(counts)
+            if dropped:
+                print(f"   warnings : identifiers left out (rows sent on their other match "
+                      f"keys): {dropped}")
+        reasons = {k: v for k, v in counts.items()
+                   if "." in k and not k.startswith("identifiers_dropped")}
         if reasons:
             print("   reasons  : " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
         print(f"   ledger   : delivered {state['delivered']}, pending {state['pending']}, "
@@ -226,6 +242,13 @@ def _print_demo_summary(results: list[Any], stats: dict[str, Any]) -> None:
                   f"in total, {platform.get('duplicate_events', 0)} duplicates, "
                   f"{platform.get('rejected_requests', 0)} rejected requests")
     _print_data_docs()
+
+
+def _dropped_identifiers(counts: dict[str, Any]) -> str:
+    """``email.bad_email=2, phone.bad_phone=4`` from a run's counts ('' when none)."""
+    prefix = "identifiers_dropped."
+    return ", ".join(f"{k.removeprefix(prefix)}={v}" for k, v in sorted(counts.items())
+                     if k.startswith(prefix))
 
 
 def _print_data_docs() -> None:
@@ -307,6 +330,8 @@ def _render_credentials(dest: Any) -> Any:
             # Never used to mint anything: render sends nothing and masks auth headers.
             "google_datamanager": (None, {"access_token": "placeholder"}),
             "google_ads": (None, {"access_token": "placeholder"}),
+            "linkedin": ("placeholder", {}),
+            "snapchat": ("placeholder", {"pixel_id": SANDBOX_SNAPCHAT_PIXEL}),
             "pinterest": ("placeholder", {"ad_account_id": SANDBOX_PINTEREST_AD_ACCOUNT}),
             "reddit": ("placeholder", {"pixel_id": SANDBOX_REDDIT_PIXEL}),
         }
@@ -336,6 +361,9 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
                         tiktok_event_sources={SANDBOX_TIKTOK_CRM_EVENT_SET,
                                               SANDBOX_TIKTOK_PIXEL},
                         google_tokens={SANDBOX_GOOGLE_TOKEN},
+                        linkedin_tokens={SANDBOX_LINKEDIN_TOKEN},
+                        snapchat_tokens={SANDBOX_SNAPCHAT_TOKEN},
+                        snapchat_pixels={SANDBOX_SNAPCHAT_PIXEL},
                         store_path=args.store)
     google = sorted(cfg.google_conversion_actions)
     print(f"sandbox on http://{args.host}:{args.port}\n"
@@ -345,6 +373,9 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
           f"  Google (Data Manager, Ads API): bearer {SANDBOX_GOOGLE_TOKEN!r}, customers "
           f"{', '.join(sorted(cfg.google_customers))}, conversion actions "
           f"{', '.join(google)}\n"
+          f"  LinkedIn: bearer {SANDBOX_LINKEDIN_TOKEN!r}, conversion rules "
+          f"{', '.join(sorted(cfg.linkedin_conversion_rules))}\n"
+          f"  Snapchat: token {SANDBOX_SNAPCHAT_TOKEN!r}, pixel {SANDBOX_SNAPCHAT_PIXEL}\n"
           f"  Pinterest: token {SANDBOX_PINTEREST_TOKEN!r}, ad account "
           f"{SANDBOX_PINTEREST_AD_ACCOUNT}\n"
           f"  Reddit: token {SANDBOX_REDDIT_TOKEN!r}, pixel {SANDBOX_REDDIT_PIXEL}", flush=True)
@@ -355,7 +386,15 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 def cmd_state(args: argparse.Namespace) -> int:
     """Prints watermark and ledger counts per destination."""
     config = get_config()
-    summary = _state_store().summary([d.name for d in config.destinations])
+    store = _state_store()
+    summary = store.summary([d.name for d in config.destinations])
+    for name, s in summary.items():
+        # What the last run left out of its events (unusable identifiers, rows still sent).
+        run = _last_run(store, name)
+        counts = (run or {}).get("counts", {})
+        s["last_run_identifiers_dropped"] = {
+            k.removeprefix("identifiers_dropped."): v for k, v in sorted(counts.items())
+            if k.startswith("identifiers_dropped.")}
     if args.json:
         print(json.dumps({"destinations": summary}, indent=2, default=str))
         return 0
@@ -364,6 +403,10 @@ def cmd_state(args: argparse.Namespace) -> int:
         print(f"{name}: watermark {wm}; delivered {s['delivered']}, pending {s['pending']}, "
               f"failed {s['failed']}, expired {s['expired']}, skipped {s['skipped']}, "
               f"quarantined {s['quarantined']}")
+        dropped = s["last_run_identifiers_dropped"]
+        if dropped:
+            print("  last run left out unusable identifiers (rows sent on their other match "
+                  "keys): " + ", ".join(f"{k}={v}" for k, v in dropped.items()))
     return 0
 
 

@@ -32,10 +32,21 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
-DESTINATION_TYPES = ("meta", "tiktok", "google_datamanager", "google_ads",
-                     "pinterest", "reddit")
+DESTINATION_TYPES = ("meta", "tiktok", "google_datamanager", "google_ads", "linkedin",
+                     "snapchat", "pinterest", "reddit")
 _GOOGLE_TYPES = ("google_datamanager", "google_ads")
 _CUSTOMER_ID_RE = re.compile(r"^\d{10}$")
+#: Snap's standard event names (its Conversions API Parameters page; Segment's and
+#: RudderStack's mappings): the only names Snap accepts. Here rather than in the destination
+#: module so that validating a config never imports the identity rules (phonenumbers).
+SNAPCHAT_EVENT_NAMES = frozenset({
+    "PAGE_VIEW", "VIEW_CONTENT", "ADD_CART", "ADD_TO_WISHLIST", "SIGN_UP", "SEARCH",
+    "PURCHASE", "ADD_BILLING", "COMPLETE_TUTORIAL", "SUBSCRIBE", "AD_CLICK", "AD_VIEW",
+    "START_CHECKOUT", "RATE", "LIST_VIEW", "LEVEL_COMPLETE", "ACHIEVEMENT_UNLOCKED",
+    "SPENT_CREDITS", "SAVE", "SHARE", "INVITE", "LOGIN", "RESERVE", "START_TRIAL",
+    "APP_OPEN", "APP_INSTALL", "CUSTOM_EVENT_1", "CUSTOM_EVENT_2", "CUSTOM_EVENT_3",
+    "CUSTOM_EVENT_4", "CUSTOM_EVENT_5",
+})
 _CONVERSION_ACTION_RE = re.compile(r"^\d{1,20}$")
 
 
@@ -126,8 +137,8 @@ class DestinationConfig(_Strict):
     """One platform destination: its own DAG, watermark and ledger."""
 
     name: str
-    type: Literal["meta", "tiktok", "google_datamanager", "google_ads",
-                  "pinterest", "reddit"]
+    type: Literal["meta", "tiktok", "google_datamanager", "google_ads", "linkedin",
+                  "snapchat", "pinterest", "reddit"]
     schedule: str = "@hourly"
     connection_id: str | None = None
     enabled: bool = True
@@ -140,6 +151,9 @@ class DestinationConfig(_Strict):
     future_tolerance: Duration = timedelta(seconds=60)
     retry: RetryConfig = RetryConfig()
     pool_slots: int = Field(default=4, ge=1, le=128)
+    # Push lanes per run: each lane is one task that drains pending outbox batches with one
+    # HTTP session, so a run has this many push task instances whatever the backlog.
+    push_lanes: int = Field(default=2, ge=1, le=64)
     # Google (google_datamanager, google_ads): the Google Ads account that owns the
     # conversion actions (the stage mapping's values), and the manager account the
     # credentials sign in through, if any. 10 digits; hyphens are dropped.
@@ -200,6 +214,10 @@ class DestinationConfig(_Strict):
                              "lead.lead_event_source, e.g. 'HubSpot', 'Salesforce')")
         if self.type != "meta" and self.action_source is not None:
             raise ValueError(f"action_source: only for type 'meta', not {self.type!r}")
+        if self.type == "linkedin":
+            self._linkedin_rules()
+        if self.type == "snapchat":
+            self._snapchat_rules()
         if self.type == "pinterest":
             self._pinterest_rules()
         if self.type in _GOOGLE_TYPES:
@@ -209,6 +227,22 @@ class DestinationConfig(_Strict):
                 if getattr(self, key) is not None:
                     raise ValueError(f"{key}: only for Google types, not {self.type!r}")
         return self
+
+    def _linkedin_rules(self) -> None:
+        for stage, rule in self.stages.items():
+            if not _CONVERSION_ACTION_RE.match(str(rule).strip()):
+                raise ValueError(f"stages.{stage}: must be the numeric id of a LinkedIn "
+                                 f"conversion rule (conversion method CONVERSIONS_API) for type "
+                                 f"'linkedin', got {rule!r}")
+        if self.shape != "crm":
+            raise ValueError("shape: LinkedIn has one shape; leave 'shape' unset")
+
+    def _snapchat_rules(self) -> None:
+        for stage, event in self.stages.items():
+            if str(event) not in SNAPCHAT_EVENT_NAMES:
+                raise ValueError(f"stages.{stage}: {event!r} is not a Snap standard event name "
+                                 "(e.g. SIGN_UP, PURCHASE, CUSTOM_EVENT_1..CUSTOM_EVENT_5); Snap "
+                                 "accepts no custom names")
 
     def _pinterest_rules(self) -> None:
         # Pinterest takes only its own event names (custom stages become "custom").

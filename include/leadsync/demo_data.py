@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import bisect
 import csv
+import hashlib
 import io
 import random
 import unicodedata
@@ -50,6 +51,8 @@ from sqlalchemy import (
 )
 
 __all__ = [
+    "BROKEN_EMAIL",
+    "HASHED_EMAIL",
     "STAGES",
     "TABLE_NAME",
     "add_changes",
@@ -959,20 +962,31 @@ def seed(
     return _load(engine, rows, only_if_empty=True)
 
 
-def generate_broken_rows(now: datetime) -> list[Row]:
-    """A handful of rows that break the data contract, the way real upstreams do.
+#: The mistyped email of two broken rows (no usable address: dropped, never hashed).
+BROKEN_EMAIL = "anna.smith(at)example.com"
+#: A digest as a warehouse of hashed emails stores it: SHA-256 of the normalised address,
+#: upper-case hex (identity passes it on lower-cased, as the platforms' SDKs do).
+HASHED_EMAIL = hashlib.sha256(b"hashed.lead@example.com").hexdigest().upper()
 
-    Two of each: an event_time two days in the future (a timezone bug), a currency that is not
-    ISO-4217 (``US$``, ``€``), no match key at all (a list import with only a CRM id), and one
-    lead twice, the second time with a trailing space in its id (a re-import), which would
-    count one conversion twice. Deterministic for a given ``now``; lead ids start ``00QX``, which
-    :func:`generate_funnel` never produces (its ids are hexadecimal).
+
+def generate_broken_rows(now: datetime) -> list[Row]:
+    """A handful of rows that break or bend the data contract, the way real upstreams do.
+
+    Quarantined, two of each: an event_time two days in the future (a timezone bug), a
+    currency that is not ISO-4217 (``US$``, ``€``), no usable match key (a list import with
+    only a CRM id, and one whose only key is a mistyped email), and one lead twice, the second
+    time with a trailing space in its id (a re-import), which would count one conversion twice.
+
+    Sent: a mistyped email next to a good phone (the email is dropped and counted, the phone
+    matches), and an email column holding an upper-case SHA-256 digest (a warehouse that stores
+    hashed emails; sent lower-cased). Deterministic for a given ``now``; lead ids start ``00QX``,
+    which :func:`generate_funnel` never produces (its ids are hexadecimal).
 
     Args:
         now: The reference time (naive values are taken as UTC).
 
     Returns:
-        Eight rows keyed by the column names of ``crm_lead_stages``.
+        Eleven rows keyed by the column names of ``crm_lead_stages``.
     """
     rng = random.Random(4242)
     now_ms = _to_ms(now)
@@ -995,6 +1009,13 @@ def generate_broken_rows(now: datetime) -> list[Row]:
     for i in (1, 2):
         row = _stage_row(rng, lead(f"00QXNOKEYS{i:06d}"), "lead", event_ms, updated)
         rows.append({k: (None if k in blank else v) for k, v in row.items()})
+    row = _stage_row(rng, lead("00QXNOKEYS000003"), "lead", event_ms, updated)
+    rows.append({**{k: (None if k in blank else v) for k, v in row.items()},
+                 "email": BROKEN_EMAIL})
+    row = _stage_row(rng, lead("00QXBADEMAIL0001"), "qualified", event_ms, updated)
+    rows.append({**row, "email": BROKEN_EMAIL, "phone": "+1 (650) 555-0142", "country": "US"})
+    row = _stage_row(rng, lead("00QXHASHEDEMAIL1"), "qualified", event_ms, updated)
+    rows.append({**row, "email": HASHED_EMAIL})
     twin = _stage_row(rng, lead("00QXDUPLICATE0001"), "qualified", event_ms, updated)
     rows.append(twin)
     rows.append({**twin, "lead_id": twin["lead_id"] + " "})

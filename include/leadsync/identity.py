@@ -59,6 +59,7 @@ __all__ = [
     "hash_identifiers",
     "hash_identifiers_as_lists",
     "is_sha256",
+    "is_usable",
     "normalize_city",
     "normalize_country",
     "normalize_date_of_birth",
@@ -978,6 +979,37 @@ class Ruleset:
         for step in self._steps:
             if step[6] is not None:
                 step[6].clear()
+
+
+def is_usable(rule: FieldRule, row: Mapping[str, Any]) -> bool | None:
+    """Tell whether a row's value for one rule reaches the platform, without hashing it.
+
+    The same verdict as :func:`hash_identifiers` gives for the rule's key (the data contract
+    judges identifiers with it, so that what it counts as dropped is exactly what is dropped).
+
+    Args:
+        rule: One rule of a platform's ruleset.
+        row: A source row.
+
+    Returns:
+        None when the column is null or blank (nothing to judge), True when the key is sent:
+        a SHA-256 hex digest in any case (for a hashed key) or a value the rule normalises,
+        False when the value is unusable and the key is left out.
+    """
+    raw = row.get(rule.column)
+    if raw is None or (raw.__class__ is str and not raw.strip()):
+        return None
+    if rule.hashed and raw.__class__ is str and len(raw) >= 64 and is_sha256(raw.strip()):
+        return True
+    text = rule.normalize(row)
+    if text is None:
+        return False
+    if rule.hashed:
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # lone surrogates: hash_identifiers skips them too
+            return False
+    return True
 
 
 def hash_identifiers(row: Mapping[str, Any], rules: Ruleset) -> dict[str, str]:

@@ -34,6 +34,7 @@ from leadsync.state import (
     PENDING,
     REEVALUATE,
     SKIPPED,
+    Batch,
     Cursor,
     LeaseBusyError,
     LedgerRecord,
@@ -50,6 +51,9 @@ RUN_RUNNING = "running"
 RUN_CHECKING = "checking"
 RUN_CONTRACT_FAILED = "contract_failed"
 RUN_CHECK_FAILED = "check_failed"
+# ls_runs counter of identifiers the check found unusable (left out of their events, the rows
+# sent on their other match keys), with one ``identifiers_dropped.<column>.<rule>`` each.
+IDENTIFIERS_DROPPED = "identifiers_dropped"
 
 
 # One of these is built per row: msgspec structs build in a third of a NamedTuple's time.
@@ -151,11 +155,17 @@ class Planner:
                 skip = self._check_event(body, dest)
                 if skip is None:
                     return Planned(event_id, event_name, event_time, body)
+                if skip.reason == _NO_MATCH_KEYS:
+                    # What the contract quarantines too (rows committed after the check, or
+                    # keys only the module can judge, such as a malformed fbc).
+                    return Rejected(_NO_MATCH_KEYS, "quarantined", _NO_MATCH_KEYS_DETAIL)
         return Rejected(skip.reason, EXPIRED if skip.expired else SKIPPED, "", event_id,
                         event_name, event_time)
 
 
 _TOO_OLD = Skip("event_too_old", expired=True)
+_NO_MATCH_KEYS = "no_match_keys"
+_NO_MATCH_KEYS_DETAIL = "no match key the destination needs holds a usable value"
 
 
 def plan_row(
@@ -340,8 +350,13 @@ class Pipeline:
                   **{f"quarantined.{rule}": n for rule, n in report.quarantined.items()}}
         if report.outside_window_rows:
             counts["checked_outside_window"] = report.outside_window_rows
+        if report.identifiers_dropped:
+            counts[IDENTIFIERS_DROPPED] = sum(report.identifiers_dropped.values())
+            counts.update({f"{IDENTIFIERS_DROPPED}.{k}": n
+                           for k, n in report.identifiers_dropped.items()})
         self.state.set_run_counts(run_id, self.dest.name, counts,
-                                  replace_prefixes=("quarantined.", "checked_outside_window"))
+                                  replace_prefixes=("quarantined.", "checked_outside_window",
+                                                    IDENTIFIERS_DROPPED))
         if not report.passed:
             self.state.update_run(run_id, self.dest.name, status=RUN_CONTRACT_FAILED)
             log.error("%s", report.describe())
@@ -519,34 +534,97 @@ class Pipeline:
             self.state.analyze()
         self.state.update_run(run_id, self.dest.name, counts=counts, window_max=last)
         batch_ids = self.state.pending_batch_ids(self.dest.name)
+        # The identifiers this run's events go without (counted by the check, which judged
+        # them with the same normalisation): reported here too, not added to the run twice.
+        dropped = {k: v for k, v in run["counts"].items() if k.startswith(IDENTIFIERS_DROPPED)}
         log.info("staged %s: %s; %d batch(es) to push", self.dest.name, dict(counts),
                  len(batch_ids))
-        return {"batch_ids": batch_ids, "counts": dict(counts)}
+        if dropped:
+            log.warning("staged %s without unusable identifiers (the rows are sent on their "
+                        "other match keys): %s", self.dest.name, dropped)
+        return {"batch_ids": batch_ids, "counts": {**counts, **dropped}}
+
+    def push_lane(self, run_id: str, lane: int = 0,
+                  client: HttpClient | None = None) -> dict[str, int]:
+        """Drains the destination's pending outbox batches, oldest first, in one lane.
+
+        A run pushes with ``push_lanes`` lanes (one task each) whatever the backlog. Each lane
+        claims one batch at a time atomically (no two lanes or workers ever send one batch at
+        once), sends it through one HTTP session and records its outcome, until no batch is
+        left that it may take: batches claimed by a live lane of this run are theirs, and a
+        batch this run already sent and got an answer for (events the platform deferred)
+        waits for the next run. A claim expires with the lease's ttl unless its lane keeps
+        renewing it, so a batch whose lane died is taken by the next lane or run (G4).
+
+        Returns the lane's counters. A transient error that outlasts the retries stops the
+        lane with :class:`~leadsync.delivery.TransientExhaustedError` (the batch stays
+        pending, free for a retry of the task); a fatal one raises
+        :class:`~leadsync.destinations.base.FatalDestinationError`.
+        """
+        return self._drain(run_id, f"lane {lane}", None, client)
 
     def push(self, run_id: str, batch_id: str, client: HttpClient | None = None) -> dict[str, int]:
-        """Sends one outbox batch and records each event's outcome."""
+        """Sends one given outbox batch (the reprocess DAG's own batches) under a claim.
+
+        Returns ``{}`` when the batch is done already or another lane holds it: nothing is
+        sent twice.
+        """
+        return self._drain(run_id, "single", batch_id, client)
+
+    def _drain(self, run_id: str, name: str, batch_id: str | None,
+               client: HttpClient | None) -> dict[str, int]:
         self._hold(run_id)
-        raw = getattr(self.module, "RAW_EVENT_BODIES", False)
-        batch = self.state.load_batch(batch_id, raw_bodies=raw)
-        if batch is None or batch.status != "pending":
-            return {}  # already done (a cleared or retried task): nothing is sent twice
         if self._credentials is None:
             raise RuntimeError("no credentials provider given to the pipeline")
+        raw = getattr(self.module, "RAW_EVENT_BODIES", False)
+        ttl = self.config.state.lease_ttl
+        # Unique per attempt: a retried task never mistakes its dead predecessor's claim
+        # for its own; that claim expires instead.
+        holder = f"{run_id} {name} {uuid.uuid4().hex[:8]}"
         creds = self._credentials()
         own_client = client is None
         http = client or HttpClient(timeout=self.dest.retry.timeout.total_seconds())
         sender = BatchSender(self.module, creds, self.dest, http, sleep=self.sleep or time.sleep)
+        totals: Counter[str] = Counter()
         try:
-            crash_point("before_send")
-            with self.state.heartbeat(self.dest.name, run_id, self.config.state.lease_ttl):
-                report = sender.deliver(batch.events, self.clock())
+            def renew() -> None:
+                self.state.renew_claims(self.dest.name, holder, ttl)
+
+            with self.state.heartbeat(self.dest.name, run_id, ttl, also=renew):
+                while True:
+                    if totals["batches"]:
+                        crash_point("between_batches")
+                        self._hold(run_id)  # a run that lost its lease stops here
+                    batch = self.state.claim_batch(self.dest.name, run_id, holder, ttl,
+                                                   batch_id=batch_id, raw_bodies=raw)
+                    if batch is None:
+                        break
+                    try:
+                        counts = self._send_claimed(run_id, batch, sender, holder)
+                    finally:
+                        # Unwinding (an error, a task killed by Airflow): the batch is free
+                        # again at once. Outcomes already recorded released the claim.
+                        self.state.release_claim(batch.batch_id, holder)
+                    totals.update(counts)
+                    totals["batches"] += 1
+                    if batch_id is not None:
+                        break
         finally:
             if own_client:
                 http.close()
+        if batch_id is None:
+            log.info("%s of %s drained: %s", name, self.dest.name, dict(totals))
+        return dict(totals) if totals["batches"] else {}
+
+    def _send_claimed(self, run_id: str, batch: Batch, sender: BatchSender,
+                      holder: str) -> dict[str, int]:
+        crash_point("before_send")
+        report = sender.deliver(batch.events, self.clock())
         counts = dict(summarize(report))
         crash_point("after_send_before_record")
-        self.state.record_outcomes(batch, report.outcomes, run_id, counts)
-        log.info("batch %s of %s: %s", batch_id, self.dest.name, counts)
+        self.state.record_outcomes(batch, report.outcomes, run_id, counts, holder=holder,
+                                   answered=report.error is None)
+        log.info("batch %s of %s: %s", batch.batch_id, self.dest.name, counts)
         if report.error is not None:
             raise report.error
         return counts
@@ -613,21 +691,12 @@ class Pipeline:
         except Exception:
             self.commit(run_id)
             raise
-        staged = self.stage(run_id)
+        self.stage(run_id)
         errors: list[Exception] = []
-        client = HttpClient(timeout=self.dest.retry.timeout.total_seconds())
         try:
-            for i, batch_id in enumerate(staged["batch_ids"]):
-                if i:
-                    crash_point("between_batches")
-                try:
-                    self.push(run_id, batch_id, client)
-                except Exception as exc:
-                    errors.append(exc)
-                    if not isinstance(exc, RuntimeError):
-                        raise
-        finally:
-            client.close()
+            self.push_lane(run_id, 0)
+        except RuntimeError as exc:  # transient errors outlasted the retries: the run is partial
+            errors.append(exc)
         summary = self.commit(run_id)
         if errors:
             summary["errors"] = [str(e) for e in errors]

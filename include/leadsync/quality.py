@@ -1,7 +1,8 @@
 """The data contract: a Great Expectations suite built in code, row quarantine, a breaker.
 
-The contract is the source contract of ``shared/design.md`` as a GX Core 1.x Expectation Suite,
-built from the config for one destination (its stage map, its match keys, its future
+The contract is the source contract (the columns documented in the header of
+``include/sql/converted_leads.sql``; see ``docs/architecture.md``) as a GX Core 1.x Expectation
+Suite, built from the config for one destination (its stage map, its match keys, its future
 tolerance). Every expectation carries a stable rule code in its ``meta``; a row that breaks one
 is quarantined with that code and a short, fixed detail, never with the value that broke it.
 
@@ -10,10 +11,14 @@ How it runs (one run of one destination, :class:`ContractSession`):
 1. **Structure**: the source query's column names (a zero-row query) against the required
    columns (``expect_column_to_exist``). A missing column stops the run before any row is read.
 2. **Rows**, streamed: rows are projected, as they arrive, onto the few columns the rules look
-   at (timestamps parsed, blanks as nulls, the presence of match keys counted; other
-   identifiers are dropped) and validated by GX in batches of ``contract.batch_rows``, so
-   memory stays flat. GX's ``unexpected_index_list`` names the failing rows; a row's reason is
-   the first rule it breaks, in the order of :data:`RULES`.
+   at (timestamps parsed, blanks as nulls, each identifier the destination sends judged usable
+   or not by its own normalisation, usable match keys counted; no raw identifier is kept) and
+   validated by GX in batches of ``contract.batch_rows``, so memory stays flat. GX's
+   ``unexpected_index_list`` names the failing rows; a row's reason is the first rule it
+   breaks, in the order of :data:`RULES`. Identifier rules (``bad_email``, ``bad_phone``,
+   ``bad_country``) are expectations of severity ``warning``: an unusable identifier is left
+   out of the event and counted (:attr:`ContractReport.identifiers_dropped`), the row is not
+   quarantined unless no usable match key is left (``no_match_keys``).
 3. **Window-level facts** that a batch cannot see are pushed down to the warehouse: the number
    of rows sharing each (lead_id, stage) in the whole window (one ``GROUP BY``), which GX then
    checks per row; and rows whose ``updated_at`` is null, which the incremental window can never
@@ -62,6 +67,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from leadsync.config import Config, DestinationConfig
+    from leadsync.identity import FieldRule
     from leadsync.source import Source, Window
 
 log = logging.getLogger(__name__)
@@ -76,24 +82,40 @@ _MAX_VALUE = 1e15  # larger deal values are a unit error (cents in a currency co
 
 @dataclass(frozen=True)
 class Rule:
-    """A rule of the contract, by its stable code (what quarantine entries and counts show)."""
+    """A rule of the contract, by its stable code (what quarantine entries and counts show).
+
+    ``kind`` says what breaking it does: ``row`` quarantines the row, ``structural`` stops the
+    run, ``identifier`` drops one unusable identifier from the event and counts it (a warning:
+    the row is sent on its other match keys, or quarantined ``no_match_keys`` if none is left).
+    """
 
     code: str
     summary: str
-    structural: bool = False
+    kind: str = "row"
+
+    @property
+    def structural(self) -> bool:
+        """Breaking it stops the run (it cannot be disabled)."""
+        return self.kind == "structural"
+
+    @property
+    def identifier(self) -> bool:
+        """Breaking it drops an identifier, not the row (a warning)."""
+        return self.kind == "identifier"
 
 
 # Order matters: a row that breaks several rules is quarantined under the first one.
 RULES: dict[str, Rule] = {
     rule.code: rule
     for rule in (
-        Rule("missing_column", "a required column is missing from the source query", True),
+        Rule("missing_column", "a required column is missing from the source query",
+             "structural"),
         Rule("missing_lead_id", "lead_id is null or blank"),
         Rule("missing_stage", "stage is null or blank"),
         Rule("missing_event_time", "event_time is null or blank"),
         Rule("missing_updated_at", "updated_at is null or blank"),
         Rule("bad_type", "a value of an unusable type; a column with no usable value at all "
-             "is structural", True),
+             "is structural", "structural"),
         Rule("bad_lead_id", "lead_id is longer than 128 characters or has control characters"),
         Rule("unknown_stage", "stage is in no destination's stage map nor in "
              "contract.known_stages"),
@@ -103,24 +125,29 @@ RULES: dict[str, Rule] = {
              "future_tolerance"),
         Rule("bad_value", "value is not a finite number >= 0"),
         Rule("bad_currency", "currency is not an ISO-4217 code, or a value has no currency"),
-        Rule("bad_country", "country is not an ISO-3166-1 alpha-2 code"),
-        Rule("bad_email", "email is not syntactically usable"),
-        Rule("no_match_keys", "none of the destination's match keys is present"),
+        Rule("no_match_keys", "no match key the destination needs holds a usable value"),
+        # Identifier rules: the value is dropped from the event and counted, the row is sent.
+        Rule("bad_email", "email is not usable (nor a SHA-256 hex digest): dropped", "identifier"),
+        Rule("bad_phone", "phone cannot be made E.164 (nor is a SHA-256 hex digest): dropped",
+             "identifier"),
+        Rule("bad_country", "country is no ISO-3166-1 country (nor a SHA-256 hex digest): "
+             "dropped", "identifier"),
     )
 }
 _RULE_RANK = {code: rank for rank, code in enumerate(RULES)}
 
-# Match keys per destination type: groups of columns, a group counts when all its columns are
-# present (IP + user agent only match together). A destination module may declare its own
-# MATCH_KEY_GROUPS, which wins.
-MATCH_KEY_GROUPS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "meta": (("email",), ("phone",), ("external_id",), ("meta_lead_id",), ("fbc",), ("fbp",),
-             ("first_name",), ("last_name",), ("client_ip", "user_agent")),
-    "tiktok": (("email",), ("phone",), ("external_id",), ("ttclid",), ("ttp",),
-               ("tiktok_lead_id",), ("client_ip", "user_agent")),
-    "google_datamanager": (("email",), ("phone",), ("gclid",), ("gbraid",), ("wbraid",)),
-    "google_ads": (("email",), ("phone",), ("gclid",), ("gbraid",), ("wbraid",)),
-}
+#: The identifier rules by the source column they judge. Each destination judges the columns
+#: its events carry (its module's ``IDENTIFIER_RULES``), with the very normalisation that
+#: builds them (:func:`leadsync.identity.is_usable`): what is counted is what is dropped.
+IDENTIFIER_RULE_CODES: dict[str, str] = {"email": "bad_email", "phone": "bad_phone",
+                                         "country": "bad_country"}
+
+# Match keys of a destination type whose module declares none (MATCH_KEY_GROUPS in the module,
+# see leadsync.destinations.meta): every column any destination matches on.
+_ANY_MATCH_KEY: tuple[tuple[str, ...], ...] = (
+    ("email",), ("phone",), ("external_id",), ("first_name",), ("last_name",),
+    ("meta_lead_id",), ("tiktok_lead_id",), ("fbc",), ("fbp",), ("ttclid",), ("ttp",),
+    ("gclid",), ("gbraid",), ("wbraid",), ("client_ip", "user_agent"))
 
 # ISO 4217 currencies in circulation (funds, metals and test codes left out).
 ISO_4217: frozenset[str] = frozenset("""
@@ -133,21 +160,6 @@ SHP SLE SLL SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH 
 VED VES VND VUV WST XAD XAF XCD XCG XOF XPF YER ZAR ZMW ZWG ZWL
 """.split())
 
-# ISO 3166-1 alpha-2, the 249 officially assigned codes.
-ISO_3166_ALPHA2: frozenset[str] = frozenset("""
-AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS
-BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO DZ EC EE
-EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM
-HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW KY KZ LA LB LC
-LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU MV MW MX MY MZ NA
-NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO RS RU RW
-SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO
-TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW
-""".split())
-
-# Syntactically usable: one @, no whitespace inside, a dot in the domain (surrounding
-# whitespace is what normalisation strips anyway).
-EMAIL_REGEX = r"^\s*[^@\s]+@[^@\s.]+(?:\.[^@\s.]+)+\s*$"
 _CONTROL_REGEX = r"[\x00-\x1f\x7f]"
 _CONTROL_SEARCH = re.compile(_CONTROL_REGEX).search
 _ZERO = timedelta(0)
@@ -297,6 +309,17 @@ class Check:
     detail: str  # what a quarantine entry says (fixed text, never a value)
     expectation: str  # GX expectation class name
     kwargs: Mapping[str, Any]
+    identifier: str | None = None  # the source column an identifier rule judges
+
+    @property
+    def warning(self) -> bool:
+        """An identifier rule: a failing value is dropped and counted, the row is not."""
+        return self.identifier is not None
+
+    @property
+    def severity(self) -> str:
+        """GX's severity of the expectation (``warning`` or ``critical``)."""
+        return "warning" if self.warning else "critical"
 
     @property
     def label(self) -> str:
@@ -320,6 +343,8 @@ class ContractSpec:
     future_tolerance: timedelta
     match_key_groups: tuple[tuple[str, ...], ...]
     disabled: frozenset[str] = frozenset()
+    # The destination's identifier rules (leadsync.identity), judged per column.
+    identifier_rules: tuple[FieldRule, ...] = ()
     failure_threshold: float = 0.2
     failure_min_rows: int = 20
     max_quarantined_rows: int = 10_000
@@ -342,6 +367,7 @@ class ContractSpec:
             future_tolerance=dest.future_tolerance,
             match_key_groups=match_key_groups(dest.type),
             disabled=frozenset(contract.disabled_rules),
+            identifier_rules=identifier_rules(dest.type),
             failure_threshold=contract.failure_threshold,
             failure_min_rows=contract.failure_min_rows,
             max_quarantined_rows=contract.max_quarantined_rows,
@@ -349,6 +375,16 @@ class ContractSpec:
             data_docs_dir=contract.data_docs_path() if docs else None,
             data_docs_keep=contract.data_docs_keep,
         )
+
+    @property
+    def judged_identifiers(self) -> tuple[tuple[str, FieldRule], ...]:
+        """(rule code, identity rule) of each identifier rule this destination checks."""
+        out = []
+        for rule in self.identifier_rules:
+            code = IDENTIFIER_RULE_CODES.get(rule.column)
+            if code is not None and code not in self.disabled:
+                out.append((code, rule))
+        return tuple(out)
 
     @property
     def suite_name(self) -> str:
@@ -411,42 +447,67 @@ class ContractSpec:
             Check("bad_currency", "currency is missing for a value, or not an ISO-4217 code",
                   "ExpectColumnValuesToBeInSet",
                   {"column": "currency_code", "value_set": sorted(ISO_4217)}),
-            Check("bad_country", "country is not an ISO-3166-1 alpha-2 code",
-                  "ExpectColumnValuesToBeInSet",
-                  {"column": "country_code", "value_set": sorted(ISO_3166_ALPHA2)}),
-            Check("bad_email", "email is not syntactically usable",
-                  "ExpectColumnValuesToMatchRegex", {"column": "email", "regex": EMAIL_REGEX}),
-            Check("no_match_keys", f"none of the match keys ({keys}) is present",
+            Check("no_match_keys", f"none of the match keys ({keys}) holds a usable value",
                   "ExpectColumnValuesToBeBetween", {"column": "match_keys_present",
                                                     "min_value": 1, "max_value": 1}),
         ]
-        return [c for c in checks if c.rule not in self.disabled]
+        checks = [c for c in checks if c.rule not in self.disabled]
+        # Warnings, last: the verdict of the destination's own normalisation per identifier.
+        for code, rule in self.judged_identifiers:
+            checks.append(Check(
+                code, f"{rule.column} is unusable: left out of the event",
+                "ExpectColumnValuesToBeInSet",
+                {"column": _verdict_column(rule.column), "value_set": [_USABLE]},
+                identifier=rule.column))
+        return checks
 
 
-def match_key_groups(destination_type: str) -> tuple[tuple[str, ...], ...]:
-    """The match-key column groups of a destination type (its module's, if it declares them)."""
+def _module_attribute(destination_type: str, name: str) -> Any:
     try:
         from leadsync.destinations import get_destination
 
-        declared = getattr(get_destination(destination_type), "MATCH_KEY_GROUPS", None)
+        return getattr(get_destination(destination_type), name, None)
     except (ImportError, KeyError, ValueError):
-        declared = None
+        return None
+
+
+def match_key_groups(destination_type: str) -> tuple[tuple[str, ...], ...]:
+    """The match-key column groups of a destination type (its module's ``MATCH_KEY_GROUPS``;
+    every column any platform matches on when the module declares none)."""
+    declared = _module_attribute(destination_type, "MATCH_KEY_GROUPS")
     if declared:
         return tuple(tuple(group) for group in declared)
-    if destination_type in MATCH_KEY_GROUPS:
-        return MATCH_KEY_GROUPS[destination_type]
-    return tuple(sorted({g for groups in MATCH_KEY_GROUPS.values() for g in groups}))
+    return _ANY_MATCH_KEY
+
+
+def identifier_rules(destination_type: str) -> tuple[FieldRule, ...]:
+    """The identity rules the events of a destination type are built with (its module's
+    ``IDENTIFIER_RULES``; email and E.164 phone when the module declares none)."""
+    from leadsync import identity
+
+    declared = _module_attribute(destination_type, "IDENTIFIER_RULES")
+    if isinstance(declared, identity.Ruleset):
+        return declared.rules
+    return identity.TIKTOK_RULES.rules[:2]  # email, phone (E.164) under their own names
 
 
 # -- projection: the batch as the suite sees it --------------------------------------------------
 
 _OBJECT_COLUMNS = ("lead_id", "lead_id_type", "lead_id_text", "stage", "stage_type",
                    "stage_name", "event_time", "event_time_type", "updated_at",
-                   "updated_at_type", "value", "value_type", "currency_code", "country_code",
-                   "email")
+                   "updated_at_type", "value", "value_type", "currency_code")
 _FLOAT_COLUMNS = ("event_time_seconds_ahead_of_now", "event_time_seconds_after_updated_at",
                   "value_number")
 _INT_COLUMNS = ("rows_with_same_lead_stage", "match_keys_present")
+
+
+_USABLE = "usable"
+_VERDICT = {None: None, True: _USABLE, False: "unusable"}
+
+
+def _verdict_column(column: str) -> str:
+    """The projected column holding the verdicts on an identifier (never the value)."""
+    return f"{column}_verdict"
 
 
 def _type_name(value: Any) -> str | None:
@@ -463,22 +524,34 @@ def _timestamp_type(value: Any, epoch: float) -> str | None:
 class _Projection:
     """Rows projected onto the columns the rules read, chunk by chunk as they arrive.
 
-    Raw identifiers other than the email are not kept: a row's match keys become one number
-    (0 or 1: is any of the destination's match-key groups present). Types become their names,
+    No raw identifier is kept: each identifier the destination's rules judge becomes a verdict
+    (``usable``, ``unusable``, or null when absent), from the destination's own normalisation
+    (:func:`leadsync.identity.is_usable`), and a row's match keys become one number (0 or 1: is
+    any of the destination's match-key groups present and usable). Types become their names,
     so that GX judges them with ``in_set`` (its ``in_type_list`` breaks on object columns that
     mix, say, dicts and booleans). This runs for every row of every window: it is written
     column by column, for speed.
     """
 
     def __init__(self, spec: ContractSpec, now: datetime) -> None:
+        from leadsync.identity import is_usable
+
         self.now_ts = now.timestamp()
         self.groups = spec.match_key_groups
+        self.is_usable = is_usable
+        # Identifiers judged for every row (warnings), and the match-key columns whose value
+        # must pass the destination's normalisation (judged only while looking for a key).
+        self.judged = [rule for _, rule in spec.judged_identifiers]
+        self.key_rules = {rule.column: rule for rule in spec.identifier_rules
+                          if any(rule.column in group for group in self.groups)}
         self.ids: list[tuple[Any, Any]] = []  # raw (lead_id, stage): keys of failing rows
         self.cursors: list[datetime | None] = []
         self.positions: list[int] = []
         self.new: list[bool] = []
+        self.verdict_columns = [_verdict_column(rule.column) for rule in self.judged]
         self.cols: dict[str, list[Any]] = {
-            c: [] for c in (*_OBJECT_COLUMNS, *_FLOAT_COLUMNS, *_INT_COLUMNS)}
+            c: [] for c in (*_OBJECT_COLUMNS, *self.verdict_columns, *_FLOAT_COLUMNS,
+                            *_INT_COLUMNS)}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -529,20 +602,30 @@ class _Projection:
         c["currency_code"].extend(
             str(cur).strip().upper() if cur is not None else "(none)" if n == n else None
             for cur, n in zip(currencies, numbers, strict=True))
-        c["country_code"].extend(
-            None if v is None else str(v).strip().upper()
-            for v in (_present(r.get("country")) for r in rows))
-        c["email"].extend(
-            v if v is None or v.__class__ is str else str(v)
-            for v in (_present(r.get("email")) for r in rows))
-        c["match_keys_present"].extend(self._has_match_key(r) for r in rows)
+        judged: dict[str, list[bool | None]] = {}
+        is_usable = self.is_usable
+        for rule, name in zip(self.judged, self.verdict_columns, strict=True):
+            verdicts = [is_usable(rule, r) for r in rows]
+            judged[rule.column] = verdicts
+            c[name].extend(_VERDICT[v] for v in verdicts)
+        c["match_keys_present"].extend(self._has_match_key(r, i, judged)
+                                       for i, r in enumerate(rows))
 
-    def _has_match_key(self, row: Mapping[str, Any]) -> int:
+    def _has_match_key(self, row: Mapping[str, Any], i: int,
+                       judged: Mapping[str, Sequence[bool | None]]) -> int:
         get = row.get
+        key_rules = self.key_rules
         for group in self.groups:
             for column in group:
-                v = get(column)
-                if v is None or (v.__class__ is str and not v.strip()):
+                rule = key_rules.get(column)
+                if rule is None:  # sent as it is (click ids, IP): present is enough
+                    v = get(column)
+                    if v is None or (v.__class__ is str and not v.strip()):
+                        break
+                    continue
+                verdicts = judged.get(column)
+                usable = verdicts[i] if verdicts is not None else self.is_usable(rule, row)
+                if not usable:
                     break
             else:
                 return 1
@@ -552,7 +635,7 @@ class _Projection:
         import pandas as pd
 
         data: dict[str, pd.Series] = {}
-        for name in _OBJECT_COLUMNS:
+        for name in (*_OBJECT_COLUMNS, *self.verdict_columns):
             data[name] = pd.Series(self.cols[name], dtype=object)
         for name in _FLOAT_COLUMNS:
             data[name] = pd.Series(self.cols[name], dtype="float64")
@@ -568,7 +651,7 @@ _GX_CONTEXTS: dict[str, Any] = {}
 _RESULT_FORMAT = {"result_format": "COMPLETE", "return_unexpected_index_query": False,
                   "partial_unexpected_count": 0}
 # Only counts survive into stored results and Data Docs: every unexpected *value* is dropped
-# (the email column holds raw identifiers, lead ids are the CRM's).
+# (lead ids are the CRM's; identifiers are projected as verdicts, never as values).
 _KEPT_RESULT_KEYS = ("element_count", "unexpected_count", "unexpected_percent", "missing_count",
                      "missing_percent", "unexpected_percent_total",
                      "unexpected_percent_nonmissing")
@@ -655,6 +738,14 @@ def _gx_context(docs_dir: Path | None) -> Any:
         return context
 
 
+_WARNING_TEXT = ("Warning, not a failure ({rule}): {column} must be usable by this "
+                 "destination's normalisation, or a SHA-256 hex digest; an unusable {column} "
+                 "is left out of the event and the row sent on its other match keys.")
+_WARNING_NOTE = ("Counted in the run's identifiers_dropped.{column}.{rule} (ls_runs, the "
+                 "check's XCom and log). A row left with no usable match key is quarantined "
+                 "no_match_keys.")
+
+
 class _Suite:
     """The GX objects of one contract: suites in the context and the batch definition."""
 
@@ -672,6 +763,13 @@ class _Suite:
             for i, check in enumerate(checks, start=offset):
                 kwargs: dict[str, Any] = dict(check.kwargs)
                 kwargs["meta"] = {"rule": check.rule, "check": i, "detail": check.detail}
+                if check.warning:
+                    # Rendered in place of the expectation's own sentence on both pages.
+                    kwargs["severity"] = check.severity
+                    kwargs["description"] = _WARNING_TEXT.format(column=check.identifier,
+                                                                 rule=check.rule)
+                    kwargs["notes"] = _WARNING_NOTE.format(column=check.identifier,
+                                                           rule=check.rule)
                 out.append(getattr(gxe, check.expectation)(**kwargs))
             return out
 
@@ -762,6 +860,8 @@ class ContractReport:
     new_failing_rows: int = 0
     outside_window_rows: int = 0
     quarantined: dict[str, int] = field(default_factory=dict)
+    # "<column>.<rule>" -> rows whose identifier is unusable (left out of their event)
+    identifiers_dropped: dict[str, int] = field(default_factory=dict)
     expectations: list[dict[str, Any]] = field(default_factory=list)
     structural: list[str] = field(default_factory=list)
     threshold: float = 0.2
@@ -786,6 +886,11 @@ class ContractReport:
         """
         return self.new_failing_rows / self.new_rows if self.new_rows else 0.0
 
+    @property
+    def failing_expectations(self) -> list[dict[str, Any]]:
+        """Expectations some row failed, warnings (identifier rules) left out."""
+        return [e for e in self.expectations if e["unexpected"] and e["severity"] != "warning"]
+
     def as_dict(self) -> dict[str, Any]:
         """Counts for XCom and logs."""
         return {
@@ -800,7 +905,8 @@ class ContractReport:
             "outside_window_rows": self.outside_window_rows,
             "threshold": self.threshold,
             "quarantined": dict(sorted(self.quarantined.items())),
-            "failing_expectations": [e for e in self.expectations if e["unexpected"]],
+            "identifiers_dropped": dict(sorted(self.identifiers_dropped.items())),
+            "failing_expectations": self.failing_expectations,
             "structural": list(self.structural),
             "tripped": self.tripped,
             "data_docs": self.data_docs,
@@ -820,7 +926,7 @@ class ContractReport:
             lines.append("Nothing was staged or sent, and the watermark stays where it was.")
         for problem in self.structural:
             lines.append(f"Structural: {problem}")
-        failing = [e for e in self.expectations if e["unexpected"]]
+        failing = self.failing_expectations
         if failing:
             lines.append(f"Failing expectations ({len(failing)}), as rule: expectation: rows:")
             lines.extend(f"  - {e['rule']}: {e['expectation']}: {e['unexpected']}"
@@ -828,12 +934,20 @@ class ContractReport:
         if self.quarantined:
             lines.append("Quarantined rows by rule: " + ", ".join(
                 f"{k}={v}" for k, v in sorted(self.quarantined.items())))
+        if self.identifiers_dropped:
+            lines.append("Warnings: unusable identifiers left out of their events (the rows "
+                         "are sent on their other match keys), as identifier.rule=rows: "
+                         + ", ".join(f"{k}={v}"
+                                     for k, v in sorted(self.identifiers_dropped.items())))
         if self.outside_window_rows:
             lines.append(f"{self.outside_window_rows} row(s) have no usable updated_at and can "
                          "never enter the incremental window (quarantined, outside the share).")
         evaluated = len(self.expectations)
+        warned = sum(1 for e in self.expectations if e["unexpected"] and
+                     e["severity"] == "warning")
         lines.append(f"Statistics: {evaluated} expectations evaluated, "
-                     f"{evaluated - len(failing)} successful, {len(failing)} unsuccessful.")
+                     f"{evaluated - len(failing)} successful ({warned} with warnings), "
+                     f"{len(failing)} unsuccessful.")
         if self.data_docs:
             lines.append(f"Full validation result (Data Docs): {self.data_docs}")
         if self.tripped:
@@ -931,6 +1045,8 @@ class ContractSession:
         first: list[tuple[int, int] | None] = [None] * n  # (rank, check index) per row
         for item in results:
             index = int(item.expectation_config.meta["check"])
+            if self.gx.checks[index].warning:
+                continue  # the identifier is dropped from the event, the row goes on
             rank = (_RULE_RANK[self.gx.checks[index].rule], index)
             for i in item.result.get("unexpected_index_list") or ():
                 current = first[int(i)]
@@ -983,6 +1099,7 @@ class ContractSession:
         report.aborted = aborted is not None
         report.quarantined = dict(self._quarantined)
         report.expectations = []
+        report.identifiers_dropped = {}
         for check, tally in zip(self.gx.checks, self.tallies, strict=True):
             if not tally.evaluated:
                 continue
@@ -990,8 +1107,12 @@ class ContractSession:
             if check.rule == "missing_column" and not tally.success:
                 unexpected = max(unexpected, 1)
             report.expectations.append({"rule": check.rule, "expectation": check.label,
-                                        "unexpected": unexpected,
+                                        "severity": check.severity, "unexpected": unexpected,
                                         "element_count": tally.element_count})
+            if check.warning and unexpected:
+                key = f"{check.identifier}.{check.rule}"
+                report.identifiers_dropped[key] = report.identifiers_dropped.get(key, 0) + \
+                    unexpected
             nonnull = tally.element_count - tally.missing_count
             if check.rule == "bad_type" and tally.unexpected_count and \
                     tally.unexpected_count >= nonnull:
@@ -1055,8 +1176,9 @@ class ContractSession:
                     if nonmissing else 0.0,
                     "partial_unexpected_list": [],
                 }
+            # A warning (a dropped identifier) is not a failing expectation: its counts show.
             results.append(ExpectationValidationResult(
-                success=tally.success and tally.unexpected_count == 0,
+                success=check.warning or (tally.success and tally.unexpected_count == 0),
                 expectation_config=gx_exp.configuration, result=counts))
         failed = sum(1 for r in results if not r.success)
         run = RunIdentifier(run_name=_safe_name(report.run_id), run_time=self.now)
@@ -1215,7 +1337,8 @@ def check_rows(rows: Sequence[Mapping[str, Any]], config: Config, dest: Destinat
     return [failed.get(i) for i in range(len(rows))]
 
 
-__all__ = ["ISO_3166_ALPHA2", "ISO_4217", "MATCH_KEY_GROUPS", "RULES", "Check", "ContractError",
+__all__ = ["IDENTIFIER_RULE_CODES", "ISO_4217", "RULES", "Check", "ContractError",
            "ContractReport", "ContractSession", "ContractSpec", "ContractViolation", "Failure",
-           "Rule", "check_row", "check_rows", "duplicate_key", "import_gx", "null_cursor_rows",
-           "parse_timestamp", "quarantine_key", "source_columns", "window_key_counts"]
+           "Rule", "check_row", "check_rows", "duplicate_key", "identifier_rules", "import_gx",
+           "match_key_groups", "null_cursor_rows", "parse_timestamp", "quarantine_key",
+           "source_columns", "window_key_counts"]

@@ -31,6 +31,8 @@
 --   fbc, fbp                   Meta browser cookies (_fbc, _fbp), sent as they are
 --   ttclid, ttp                TikTok click id and _ttp cookie, sent as they are
 --   gclid, gbraid, wbraid      Google Ads click ids, sent as they are
+--   li_fat_id                  LinkedIn first-party click id (the li_fat_id URL parameter), raw
+--   sc_click_id, sc_cookie1    Snapchat click id (ScCid URL parameter) and _scid cookie, raw
 --   epik                       Pinterest click id (_epik cookie / &epik= parameter), sent as it is
 --   rdt_cid                    Reddit click id (rdt_cid URL parameter), sent as it is
 --   client_ip, user_agent, event_source_url

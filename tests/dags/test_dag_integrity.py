@@ -79,7 +79,7 @@ def test_dag_shape(parsed: dict) -> None:
         assert dag["timetable"] == "CronTriggerTimetable"
         assert dag["pools"] == [dest.pool]
         assert min(dag["retries"]) >= 1
-        for task in ("open_run", "stage_events", "push_batch", "commit_watermark"):
+        for task in ("open_run", "stage_events", "push_lane", "commit_watermark"):
             assert task in dag["tasks"]
 
 

@@ -22,6 +22,7 @@ from sqlalchemy import create_engine, text
 
 from leadsync.config import DEFAULT_CONFIG_PATH
 from leadsync.destinations.base import derive_event_id
+from leadsync.hashing import sha256_hex
 
 from .conftest import ROOT, Backend
 
@@ -34,6 +35,7 @@ BROKEN = {
     ("00QXCURRENCY0002", "won"): "bad_currency",
     ("00QXNOKEYS000001", "lead"): "no_match_keys",
     ("00QXNOKEYS000002", "lead"): "no_match_keys",
+    ("00QXNOKEYS000003", "lead"): "no_match_keys",  # a mistyped email, nothing else
     ("00QXDUPLICATE0001", "qualified"): "duplicate_lead_stage",
     ("00QXDUPLICATE0001 ", "qualified"): "duplicate_lead_stage",
 }
@@ -106,14 +108,24 @@ def test_bad_rows_are_quarantined_the_rest_sent_and_a_fixed_row_follows(
     assert report["data_docs"] and Path(report["data_docs"]).is_file()
     assert (home / "data_docs" / "index.html").is_file()
 
+    # Identifier rules are warnings: the rows are sent without the unusable identifier.
+    assert report["identifiers_dropped"]["email.bad_email"] >= 2
+    assert all(e["severity"] == "critical" for e in report["failing_expectations"])
+
     entries = _quarantine(backend)
     for key, rule in BROKEN.items():
         assert entries[key]["rule"] == rule and entries[key]["resolved_at"] is None
         assert entries[key]["detail"] and key[0].strip() not in entries[key]["detail"]
-    sent = {e["event_id"] for e in backend.sandbox_events()}
-    assert sent and not sent & {derive_event_id(lead, stage) for lead, stage in BROKEN}
+    events = {e["event_id"]: e for e in backend.sandbox_events()}
+    assert events and not set(events) & {derive_event_id(lead, stage) for lead, stage in BROKEN}
+    phone_only = events[derive_event_id("00QXBADEMAIL0001", "qualified")]["event"]["user_data"]
+    assert phone_only["ph"] == sha256_hex("16505550142") and "em" not in phone_only
+    hashed = events[derive_event_id("00QXHASHEDEMAIL1", "qualified")]["event"]["user_data"]
+    assert hashed["em"] == demo_data.HASHED_EMAIL.lower()
 
     counts = _run_counts(backend, dr.run_id)["counts"]
+    assert counts["identifiers_dropped.email.bad_email"] == \
+        report["identifiers_dropped"]["email.bad_email"]
     assert counts["checked"] == counts["read"] == seeded
     accounted = sum(counts.get(k, 0) for k in ("delivered", "skipped", "expired",
                                                "quarantined"))

@@ -115,8 +115,8 @@ def _task(fn: Callable[[], T], retries: int) -> T:
 
 
 def run_like_the_dag(world: World, run_id: str) -> str:
-    """One DAG run: open_run → check_contract → stage_events → push_batch (mapped) →
-    commit_watermark (all_done)."""
+    """One DAG run: open_run → check_contract → stage_events → push_lane (mapped over the
+    destination's lanes, run one after the other here) → commit_watermark (all_done)."""
     pipeline = world.pipeline()
     try:
         pipeline.open_run(run_id)
@@ -130,11 +130,9 @@ def run_like_the_dag(world: World, run_id: str) -> str:
         staged = None
         pushed_ok = False
     if staged is not None:
-        for i, batch_id in enumerate(staged["batch_ids"]):
-            if i:
-                faults.crash_point("between_batches")
+        for lane in range(world.config.destination("meta").push_lanes):
             try:
-                _task(lambda b=batch_id: pipeline.push(run_id, b), retries=1)
+                _task(lambda n=lane: pipeline.push_lane(run_id, n), retries=1)
             except Exception:  # noqa: BLE001 - recorded; the run turns red at the leaf
                 pushed_ok = False
     summary = _task(lambda: pipeline.commit(run_id), retries=2)
@@ -365,7 +363,7 @@ def test_sigkill_at_every_point_recovers(world: World) -> None:
     demo_data.seed(make_engine(world.warehouse_url), 20, datetime.now(UTC))
     for point in faults.POINTS:
         if point == "between_batches":
-            continue  # only reached by Pipeline.run's loop with ≥ 2 batches: covered above
+            continue  # only reached by a lane with ≥ 2 batches to send: covered above
         proc = _child(world, f"kill_{point}", crash=f"{point}:kill")
         proc.wait(timeout=120)
         time.sleep(1.1)

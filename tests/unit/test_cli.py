@@ -159,7 +159,8 @@ def test_state_show_json_on_an_empty_home(capsys: pytest.CaptureFixture[str],
     assert "meta" in data["destinations"]
     for summary in data["destinations"].values():
         assert summary == {"watermark": None, "delivered": 0, "pending": 0, "failed": 0,
-                           "expired": 0, "skipped": 0, "quarantined": 0}
+                           "expired": 0, "skipped": 0, "quarantined": 0,
+                           "last_run_identifiers_dropped": {}}
     assert (isolated / "state.db").exists()  # the embedded store, under LEADSYNC_HOME
 
 
@@ -167,3 +168,27 @@ def test_state_show_text(capsys: pytest.CaptureFixture[str]) -> None:
     code, lines, _ = run(capsys, "state", "show")
     assert code == 0
     assert any(line.startswith("meta: watermark none; delivered 0") for line in lines)
+
+
+def test_state_show_names_the_identifiers_the_last_run_left_out(
+    capsys: pytest.CaptureFixture[str], isolated: Path
+) -> None:
+    from datetime import UTC, datetime
+
+    from leadsync.db import make_engine
+    from leadsync.state import StateStore
+
+    isolated.mkdir(parents=True, exist_ok=True)
+    store = StateStore(make_engine(f"sqlite:///{isolated / 'state.db'}"))
+    store.migrate()
+    store.start_run("r1", "meta", None, datetime.now(UTC), None)
+    store.set_run_counts("r1", "meta", {"identifiers_dropped": 3,
+                                        "identifiers_dropped.email.bad_email": 2,
+                                        "identifiers_dropped.phone.bad_phone": 1})
+    code, lines, _ = run(capsys, "state", "show")
+    assert code == 0
+    assert ("  last run left out unusable identifiers (rows sent on their other match keys): "
+            "email.bad_email=2, phone.bad_phone=1") in lines
+    code, lines, _ = run(capsys, "state", "show", "--json")
+    dropped = json.loads("\n".join(lines))["destinations"]["meta"]["last_run_identifiers_dropped"]
+    assert dropped == {"email.bad_email": 2, "phone.bad_phone": 1}

@@ -26,6 +26,7 @@ from leadsync.identity import (
     hash_identifiers,
     hash_identifiers_as_lists,
     is_sha256,
+    is_usable,
     normalize_city,
     normalize_country,
     normalize_date_of_birth,
@@ -821,6 +822,29 @@ def test_hash_identifiers_never_raises_and_only_emits_hashes(row: dict[str, Any]
     first = hash_identifiers(row, META_RULES)
     assert hash_identifiers(row, META_RULES) == first
     assert hash_identifiers(row, UNMEMOISED_META) == first
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(row=ROW)
+def test_is_usable_agrees_with_hash_identifiers(row: dict[str, Any]) -> None:
+    # The data contract counts an identifier as dropped by is_usable: it must be exactly the
+    # key hash_identifiers leaves out, digests and lone surrogates included.
+    for rules in (META_RULES, TIKTOK_RULES, GOOGLE_RULES):
+        out = hash_identifiers(row, rules)
+        for rule in rules.rules:
+            verdict = is_usable(rule, row)
+            assert (verdict is True) == (rule.key in out), (rule.key, row.get(rule.column))
+            raw = row.get(rule.column)
+            if raw is None or (isinstance(raw, str) and not raw.strip()):
+                assert verdict is None
+
+
+def test_an_upper_case_digest_is_usable_on_every_platform() -> None:
+    row = {"email": JOHN_SMITH_SHA256.upper(), "phone": f" {PHONE_DIGITS_SHA256.upper()}\t"}
+    for rules in (META_RULES, TIKTOK_RULES, GOOGLE_RULES):
+        hashed = hash_identifiers(row, rules)
+        assert sorted(hashed.values()) == sorted([JOHN_SMITH_SHA256, PHONE_DIGITS_SHA256])
+        assert all(is_usable(rule, row) for rule in rules.rules if rule.column in row)
 
 
 def _full_name(row: Any) -> str | None:

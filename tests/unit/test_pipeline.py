@@ -105,10 +105,12 @@ def test_plan_row_respects_the_destination_max_event_age() -> None:
     assert isinstance(fresh, Planned)
 
 
-def test_plan_row_no_match_keys() -> None:
+def test_plan_row_no_match_keys_is_quarantined() -> None:
+    # The contract's verdict too: rows committed after the check get the same one at stage.
     result = plan(row(email=None, phone="n/a"))
     assert isinstance(result, Rejected)
-    assert (result.status, result.reason) == (SKIPPED, "no_match_keys")
+    assert (result.status, result.reason) == ("quarantined", "no_match_keys")
+    assert result.event_id is None and result.detail
 
 
 def test_plan_row_planned_envelope_with_derived_event_id() -> None:
@@ -436,7 +438,9 @@ def test_known_bad_rows_do_not_stop_later_runs(sandbox: SandboxServer, tmp_path:
 
     first = world.pipeline().run("run-1")
     assert first["status"] == "success"
-    assert store.summary(["meta"])["meta"]["quarantined"] == 8
+    # 8 broken rows + one whose only match key is a mistyped email (no_match_keys); its
+    # twin with a good phone, and the row with a hashed email, are sent.
+    assert store.summary(["meta"])["meta"]["quarantined"] == 9
 
     second = world.pipeline().run("run-2")  # nothing changed upstream
     assert second["status"] == "success"

@@ -23,6 +23,7 @@ from sqlalchemy import create_engine, text
 from leadsync import quality
 from leadsync.config import Config, ConfigError, parse_config
 from leadsync.destinations import get_destination
+from leadsync.destinations.base import derive_event_id
 from leadsync.pipeline import Pipeline, render_requests
 from leadsync.quality import (
     RULES,
@@ -96,11 +97,29 @@ FAILING: list[tuple[str, dict[str, Any]]] = [
     ("bad_value", good("F-value-bool", value=True)),
     ("bad_currency", good("F-cur", currency="US$")),
     ("bad_currency", good("F-cur-none", currency=None)),
-    ("bad_country", good("F-country", country="USA")),
-    ("bad_email", good("F-email-1", email="anna@")),
-    ("bad_email", good("F-email-2", email="an na@example.com")),
-    ("bad_email", good("F-email-3", email="anna@example")),
     ("no_match_keys", good("F-nokeys", **NO_KEYS)),
+    # An unusable identifier is dropped; with nothing else to match on, the row is quarantined.
+    ("no_match_keys", good("F-email-only-1", email="anna@")),
+    ("no_match_keys", good("F-email-only-2", email="an na@example.com")),
+    ("no_match_keys", good("F-phone-only", email=None, phone="555-1212")),  # no area code
+    ("no_match_keys", good("F-ip-only", email=None, client_ip="203.0.113.7")),  # needs the UA
+]
+
+DIGEST = "A" * 8 + "0123456789ABCDEF" * 3 + "B" * 8  # 64 upper-case hex digits
+
+# (identifier.rule, row): the identifier is dropped and counted, the row passes on its other
+# match keys (each row drops exactly the one listed).
+PHONE = "+1 650 555 0123"
+WARNINGS: list[tuple[str, dict[str, Any]]] = [
+    ("email.bad_email", good("W-email-1", email="anna@", phone=PHONE)),
+    ("email.bad_email", good("W-email-2", email="an na@example.com", phone=PHONE)),
+    ("email.bad_email", good("W-email-3", email="anna@example", phone=PHONE)),
+    ("email.bad_email", good("W-email-4", email=12345, phone=PHONE)),
+    ("phone.bad_phone", good("W-phone-1", phone="555-1212")),
+    ("phone.bad_phone", good("W-phone-2", phone="n/a")),
+    ("phone.bad_phone", good("W-phone-3", phone="6505550123", country=None)),  # no country
+    ("country.bad_country", good("W-country-1", country="XX")),
+    ("country.bad_country", good("W-country-2", country="Atlantis")),
 ]
 
 # Rows that bend a rule without breaking it.
@@ -119,7 +138,11 @@ PASSING: list[tuple[str, dict[str, Any]]] = [
     ("lower-case currency", good("P-eur", currency="eur")),
     ("no country", good("P-nocountry", country=None)),
     ("country with spaces", good("P-de", country=" de ")),
+    ("alpha-3 country", good("P-usa", country="USA")),  # identity sends "us"
     ("email with spaces and case", good("P-email", email=" Anna@Example.COM\t")),
+    ("upper-case SHA-256 digest as the only key", good("P-digest", email=DIGEST)),
+    ("SHA-256 digest as the phone", good("P-digest-phone", email=None, phone=DIGEST.lower())),
+    *WARNINGS,
     ("phone as the only key", good("P-phone", email=None, phone="+1 650 555 0123")),
     ("ip and user agent", good("P-ipua", email="", client_ip="203.0.113.7",
                                user_agent="Mozilla/5.0")),
@@ -148,9 +171,54 @@ def test_bent_rows_pass(verdicts: dict[int, Any], index: int) -> None:
     assert verdicts[len(FAILING) + index] is None
 
 
-def test_every_row_rule_has_a_failing_case() -> None:
+def test_every_rule_has_a_failing_case() -> None:
     covered = {rule for rule, _ in FAILING} | {"missing_column"}
+    covered |= {key.split(".")[1] for key, _ in WARNINGS}
     assert covered == set(RULES)
+
+
+def test_unusable_identifiers_are_dropped_and_counted_not_quarantined() -> None:
+    rows = [row for _, row in WARNINGS] + [good("W-fine")]
+    report = run_session(rows)
+    assert report.passed and report.failing_rows == 0 and report.quarantined == {}
+    expected: dict[str, int] = {}
+    for key, _ in WARNINGS:
+        expected[key] = expected.get(key, 0) + 1
+    assert report.identifiers_dropped == expected
+    assert report.failing_expectations == []
+    warned = {e["rule"]: e for e in report.expectations if e["severity"] == "warning"}
+    assert set(warned) == {"bad_email", "bad_phone", "bad_country"}
+    assert warned["bad_email"]["unexpected"] == 4
+    data = report.as_dict()
+    assert data["identifiers_dropped"] == expected and data["failing_expectations"] == []
+    text = report.describe()
+    assert "Data contract passed" in text
+    assert "Warnings: unusable identifiers left out of their events" in text
+    assert "email.bad_email=4" in text and "phone.bad_phone=3" in text
+
+
+def test_identifier_rules_follow_the_destination() -> None:
+    """TikTok and Google send no country: an unusable one is nothing they drop."""
+    config = parse_config({"destinations": [
+        {"name": "tiktok", "type": "tiktok", "crm_name": "X", "stages": {"won": "Converted"}},
+        {"name": "google", "type": "google_ads", "customer_id": "1234567890",
+         "stages": {"won": "1000000004"}}]})
+    rows = [good("T-1", country="XX", phone=PHONE), good("T-2", email="anna@", phone=PHONE)]
+    for name in ("tiktok", "google"):
+        spec = ContractSpec.from_config(config, config.destination(name), data_docs=False)
+        assert {code for code, _ in spec.judged_identifiers} == {"bad_email", "bad_phone"}
+        s = ContractSession(spec, "r", NOW)
+        assert s.check_columns(COLUMNS)
+        s.add(rows)
+        report = s.finish()
+        assert report.identifiers_dropped == {"email.bad_email": 1}, name
+        # Google's own email rule: a gmail address with nothing before its +tag is unusable.
+    google = check_rows([good("G-plus", email="+tag@gmail.com")], config,
+                        config.destination("google"), NOW)
+    tiktok = check_rows([good("T-plus", email="+tag@gmail.com")], config,
+                        config.destination("tiktok"), NOW)
+    assert google[0] is not None and google[0].rule == "no_match_keys"
+    assert tiktok[0] is None
 
 
 def test_details_never_hold_the_value() -> None:
@@ -162,11 +230,14 @@ def test_details_never_hold_the_value() -> None:
 
 
 def test_known_stages_and_disabled_rules() -> None:
-    config = make_config(known_stages=["lost"], disabled_rules=["bad_country"])
-    rows = [good("K-1", stage="lost"), good("K-2", country="USA"), good("K-3", stage="other")]
+    config = make_config(known_stages=["lost"], disabled_rules=["bad_country", "bad_currency"])
+    rows = [good("K-1", stage="lost"), good("K-2", currency="US$"), good("K-3", stage="other")]
     result = check_rows(rows, config, config.destination("meta"), NOW)
     assert result[0] is None and result[1] is None
     assert result[2] is not None and result[2].rule == "unknown_stage"
+    report = run_session([good("K-4", country="XX")], config)
+    assert report.identifiers_dropped == {}
+    assert "bad_country" not in {e["rule"] for e in report.expectations}
 
 
 def test_missing_column_fails_every_row() -> None:
@@ -279,14 +350,14 @@ def test_breaker_trips_above_the_threshold_only() -> None:
 
 
 def test_small_windows_are_not_judged_by_share() -> None:
-    rows = [good(f"W-{i}", **({"country": "XX"} if i < 5 else {})) for i in range(10)]
+    rows = [good(f"W-{i}", **({"currency": "XX"} if i < 5 else {})) for i in range(10)]
     report = run_session(rows)
-    assert report.passed and report.quarantined == {"bad_country": 5}
+    assert report.passed and report.quarantined == {"bad_currency": 5}
     assert not run_session(rows, make_config(failure_min_rows=10)).passed
 
 
 def test_breaker_trips_past_max_quarantined_rows() -> None:
-    rows = [good(f"Q-{i}", country="XX") for i in range(3)] + [good(f"R-{i}") for i in range(30)]
+    rows = [good(f"Q-{i}", currency="XX") for i in range(3)] + [good(f"R-{i}") for i in range(30)]
     assert run_session(rows, make_config(max_quarantined_rows=5)).passed
     report = run_session(rows, make_config(max_quarantined_rows=2))
     assert not report.passed and "max_quarantined_rows" in (report.tripped or "")
@@ -307,8 +378,9 @@ def test_report_is_json_and_holds_no_identifiers() -> None:
     rows = [good("ID-SECRET-1", email="hidden.person@"), good("ID-2")]
     report = run_session(rows)
     data = json.loads(json.dumps(report.as_dict()))
-    assert data["quarantined"] == {"bad_email": 1}
-    assert data["failing_expectations"][0]["rule"] == "bad_email"
+    assert data["quarantined"] == {"no_match_keys": 1}  # the bad email was its only key
+    assert data["identifiers_dropped"] == {"email.bad_email": 1}
+    assert [e["rule"] for e in data["failing_expectations"]] == ["no_match_keys"]
     blob = json.dumps(data)
     assert "ID-SECRET" not in blob and "hidden.person" not in blob
 
@@ -327,6 +399,28 @@ def test_data_docs_are_written_without_values(tmp_path: Path) -> None:
             assert "private.person" not in content and "DD-1" not in content, path
     page = Path(report.data_docs).read_text(encoding="utf-8")
     assert "leadsync_meta_contract" in page
+
+
+def test_data_docs_show_dropped_identifiers_as_warnings(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    s = session(docs=docs)
+    assert s.check_columns(COLUMNS)
+    s.add([good("DW-1", email="dropped.person@", phone=PHONE), good("DW-2")])
+    report = s.finish()
+    assert report.passed and report.identifiers_dropped == {"email.bad_email": 1}
+    (stored,) = (docs / ".results").rglob("*.json")
+    result = json.loads(stored.read_text())
+    assert result["success"] is True  # a warning does not fail the suite
+    by_rule = {r["expectation_config"]["meta"]["rule"]: r for r in result["results"]}
+    email = by_rule["bad_email"]
+    assert email["success"] is True and email["result"]["unexpected_count"] == 1
+    assert email["expectation_config"]["severity"] == "warning"
+    assert by_rule["no_match_keys"]["expectation_config"]["severity"] == "critical"
+    page = Path(report.data_docs or "").read_text(encoding="utf-8")
+    assert "Warning, not a failure (bad_email)" in page
+    assert "identifiers_dropped.email.bad_email" in (docs / "expectations" /
+                                                     "leadsync_meta_contract.html").read_text()
+    assert "dropped.person" not in page and "dropped.person" not in stored.read_text()
 
 
 def test_data_docs_keep_the_newest_runs(tmp_path: Path) -> None:
@@ -534,6 +628,50 @@ def test_fixed_row_is_resolved_and_staged_by_the_next_run(tmp_path: Path,
     assert pipeline.state.summary(["meta"])["meta"]["quarantined"] == 0
 
 
+def test_a_bad_identifier_is_dropped_and_counted_the_row_sent_on_its_other_keys(
+    tmp_path: Path, query_file: Path
+) -> None:
+    from leadsync.hashing import sha256_hex
+
+    pipeline = _pipeline(tmp_path, query_file)
+    digest = sha256_hex("hashed.lead@example.com")
+    base = {c: None for c in WAREHOUSE_COLUMNS} | {
+        "stage": "qualified", "event_time": NOW - timedelta(hours=2),
+        "updated_at": NOW - timedelta(hours=1), "country": "US"}
+    rows = [
+        {**base, "lead_id": "BAD-EMAIL-GOOD-PHONE", "email": "anna.smith(at)example.com",
+         "phone": "+1 (650) 555-0142"},
+        {**base, "lead_id": "UPPER-DIGEST", "email": digest.upper()},
+        {**base, "lead_id": "BAD-EMAIL-ONLY", "email": "anna.smith(at)example.com"},
+    ]
+    with pipeline.warehouse.begin() as conn:
+        conn.execute(text(f"INSERT INTO raw_leads VALUES "
+                          f"({', '.join(':' + c for c in WAREHOUSE_COLUMNS)})"), rows)
+    pipeline.open_run("r1")
+    report = pipeline.check("r1")
+    assert report["quarantined"] == {"no_match_keys": 1}
+    assert report["identifiers_dropped"] == {"email.bad_email": 2}
+    pipeline.check("r1")  # a retried check counts afresh, not twice
+    counts = pipeline.state.get_run("r1", "meta")["counts"]
+    assert counts["identifiers_dropped"] == 2 and counts["identifiers_dropped.email.bad_email"] == 2
+    assert counts["quarantined.no_match_keys"] == 1
+    staged = pipeline.stage("r1")
+    assert staged["counts"]["staged"] == 2
+    assert staged["counts"]["identifiers_dropped.email.bad_email"] == 2
+    users = {}
+    for batch_id in staged["batch_ids"]:
+        batch = pipeline.state.load_batch(batch_id)
+        assert batch is not None
+        users.update({e["event_id"]: e["body"]["user_data"] for e in batch.events})
+    phone_only = users[derive_event_id("BAD-EMAIL-GOOD-PHONE", "qualified")]
+    assert phone_only["ph"] == sha256_hex("16505550142") and "em" not in phone_only
+    assert users[derive_event_id("UPPER-DIGEST", "qualified")]["em"] == digest  # lower-cased
+    assert pipeline.state.open_quarantine_keys("meta") == {("BAD-EMAIL-ONLY", "qualified")}
+    pipeline.commit("r1")
+    run = pipeline.state.get_run("r1", "meta")["counts"]
+    assert run["identifiers_dropped.email.bad_email"] == 2  # not added to by stage or commit
+
+
 def test_stage_refuses_and_commit_keeps_the_watermark_after_a_violation(
     tmp_path: Path, query_file: Path
 ) -> None:
@@ -561,9 +699,10 @@ def test_rows_reread_by_the_lookback_do_not_count_twice(tmp_path: Path,
     config = pipeline.config.model_copy(update={"source": pipeline.config.source.model_copy(
         update={"lookback": timedelta(hours=2)})})
     pipeline.config = config
-    rows = [{"l": f"A-{i}", "c": "XX" if i < 3 else "US"} for i in range(30)]
+    rows = [{"l": f"A-{i}", "c": "US", "m": "a@" if i < 3 else "a@example.com"}
+            for i in range(30)]
     insert = text("INSERT INTO raw_leads (lead_id, stage, event_time, updated_at, email, "
-                  "country) VALUES (:l, 'lead', :e, :u, 'a@example.com', :c)")
+                  "country) VALUES (:l, 'lead', :e, :u, :m, :c)")
     with pipeline.warehouse.begin() as conn:
         conn.execute(insert, [{**r, "e": NOW - timedelta(hours=2),
                                "u": NOW - timedelta(hours=1)} for r in rows])
@@ -572,7 +711,8 @@ def test_rows_reread_by_the_lookback_do_not_count_twice(tmp_path: Path,
     pipeline.stage("r1")
     pipeline.commit("r1")
     with pipeline.warehouse.begin() as conn:
-        conn.execute(insert, [{"l": f"B-{i}", "c": "US", "e": NOW - timedelta(minutes=30),
+        conn.execute(insert, [{"l": f"B-{i}", "c": "US", "m": "b@example.com",
+                               "e": NOW - timedelta(minutes=30),
                                "u": NOW - timedelta(minutes=20)} for i in range(2)])
     pipeline.open_run("r2")
     report = pipeline.check("r2")  # 3 failing of 32 read, but none of the 2 new rows

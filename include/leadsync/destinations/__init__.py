@@ -16,6 +16,8 @@ _MODULES = {
     "tiktok": "leadsync.destinations.tiktok",
     "google_datamanager": "leadsync.destinations.google_datamanager",
     "google_ads": "leadsync.destinations.google_ads",
+    "linkedin": "leadsync.destinations.linkedin",
+    "snapchat": "leadsync.destinations.snapchat",
     "pinterest": "leadsync.destinations.pinterest",
     "reddit": "leadsync.destinations.reddit",
 }

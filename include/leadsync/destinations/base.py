@@ -7,6 +7,12 @@ fields. HTTP lives in :mod:`leadsync.destinations.http`, retries and batch split
 :mod:`leadsync.delivery`. Adding a platform is one module of this shape, its sandbox emulator
 and its tests.
 
+Two optional attributes tell the data contract (:mod:`leadsync.quality`) what the platform
+needs: ``IDENTIFIER_RULES`` (the :class:`leadsync.identity.Ruleset` its events are built with:
+an email, phone or country it cannot use is dropped and counted, not quarantined) and
+``MATCH_KEY_GROUPS`` (groups of source columns it can match on; a row with no group of usable
+values is quarantined ``no_match_keys``, as :func:`check_event`'s ``no_match_keys`` is).
+
 How a response is classified is the module's business; what happens next is the sender's,
 the same for every platform (:class:`SendResult`):
 

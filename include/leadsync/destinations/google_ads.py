@@ -52,6 +52,14 @@ DEFAULT_API_VERSION = "v26"  # the latest version google-ads-python 34 knows (v2
 # order_id is unique per conversion action with no documented expiry (ORDER_ID_ALREADY_IN_USE).
 LIMITS = Limits(max_batch_events=2000, max_event_age=timedelta(days=90), dedup_window=None)
 
+# What the data contract judges for this platform: the identifier rules of the events it builds
+# (an unusable value is dropped and counted, the row sent on its other keys) and the match keys,
+# as groups of source columns; a group counts when each of its columns holds a usable value
+# (IP and user agent only match together). A row with no group left is quarantined.
+IDENTIFIER_RULES = GOOGLE_RULES
+MATCH_KEY_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("email",), ("phone",), ("gclid",), ("gbraid",), ("wbraid",))
+
 DUPLICATE_CODES = frozenset({"ORDER_ID_ALREADY_IN_USE", "CLICK_CONVERSION_ALREADY_EXISTS"})
 DEFERRED_CODES = frozenset({"TOO_RECENT_EVENT", "TOO_RECENT_CONVERSION_ACTION"})
 QUOTA_CODES = frozenset({"RESOURCE_EXHAUSTED", "RESOURCE_TEMPORARILY_EXHAUSTED"})

@@ -65,6 +65,14 @@ STATUS_PATH = "/v1/requestStatus:retrieve"
 # the longest Google Ads click-through window, beyond which no conversion can be attributed.
 # A resent transactionId adjusts the same conversion, with no documented expiry.
 LIMITS = Limits(max_batch_events=2000, max_event_age=timedelta(days=90), dedup_window=None)
+
+# What the data contract judges for this platform: the identifier rules of the events it builds
+# (an unusable value is dropped and counted, the row sent on its other keys) and the match keys,
+# as groups of source columns; a group counts when each of its columns holds a usable value
+# (IP and user agent only match together). A row with no group left is quarantined.
+IDENTIFIER_RULES = GOOGLE_RULES
+MATCH_KEY_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("email",), ("phone",), ("gclid",), ("gbraid",), ("wbraid",))
 MAX_DESTINATIONS = 10
 EVENT_SOURCES = frozenset({"WEB", "APP", "IN_STORE", "PHONE", "MESSAGE", "OTHER"})
 DEFAULT_EVENT_SOURCE = "OTHER"  # a CRM stage change; Google gives no guidance (UNVERIFIED)

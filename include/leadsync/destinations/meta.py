@@ -36,6 +36,16 @@ DEFAULT_API_VERSION = "v25.0"
 # 1,000 events per request; one event older than 7 days fails the whole request.
 LIMITS = Limits(max_batch_events=1000, max_event_age=timedelta(days=7),
                 dedup_window=timedelta(hours=48))
+
+# What the data contract judges for this platform: the identifier rules of the events it builds
+# (an unusable value is dropped and counted, the row sent on its other keys) and the match keys,
+# as groups of source columns; a group counts when each of its columns holds a usable value
+# (IP and user agent only match together). A row with no group left is quarantined.
+IDENTIFIER_RULES = META_RULES
+MATCH_KEY_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("email",), ("phone",), ("external_id",), ("meta_lead_id",), ("fbc",), ("fbp",),
+    ("first_name",), ("last_name",), ("client_ip", "user_agent"))
+
 # build_request puts the events in the body as they are: push hands it the events' stored
 # JSON (msgspec.Raw) instead of decoding the outbox and encoding it again.
 RAW_EVENT_BODIES = True

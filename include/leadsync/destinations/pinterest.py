@@ -157,6 +157,10 @@ PINTEREST_RULES: Final = Ruleset(
     ),
 )
 
+#: What the data contract judges for this platform: the rules its ``user_data`` is built with (an
+#: unusable email, phone or country is dropped and counted, the row sent on its other keys).
+IDENTIFIER_RULES: Final = PINTEREST_RULES
+
 
 @dataclass(frozen=True)
 class PinterestCredentials:

@@ -146,6 +146,10 @@ REDDIT_RULES: Final = Ruleset(
     ),
 )
 
+#: What the data contract judges for this platform: the rules its ``user`` is built with (an
+#: unusable email, phone or country is dropped and counted, the row sent on its other keys).
+IDENTIFIER_RULES: Final = REDDIT_RULES
+
 
 @dataclass(frozen=True)
 class RedditCredentials:

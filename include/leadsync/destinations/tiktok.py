@@ -53,6 +53,16 @@ TRACK_PATH = "/open_api/v1.3/event/track/"
 # Same event + event_id within 48 hours is deduplicated (§2.5).
 LIMITS = Limits(max_batch_events=1000, max_event_age=timedelta(days=28),
                 dedup_window=timedelta(hours=48))
+
+# What the data contract judges for this platform: the identifier rules of the events it builds
+# (an unusable value is dropped and counted, the row sent on its other keys) and the match keys,
+# as groups of source columns; a group counts when each of its columns holds a usable value
+# (IP and user agent only match together). A row with no group left is quarantined.
+IDENTIFIER_RULES = TIKTOK_RULES
+MATCH_KEY_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("email",), ("phone",), ("external_id",), ("ttclid",), ("ttp",), ("tiktok_lead_id",),
+    ("client_ip", "user_agent"))
+
 # build_request puts the events in the body as they are: push hands it the events' stored
 # JSON (msgspec.Raw) instead of decoding the outbox and encoding it again.
 RAW_EVENT_BODIES = True

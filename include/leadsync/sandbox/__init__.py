@@ -4,7 +4,8 @@ Strict validation (a payload the sandbox accepts is one the platform would accep
 store of accepted events and fault injection, for tests and the local demo. One module per
 platform: Meta Conversions API (``meta.py``), TikTok Events API (``tiktok.py``), Google Data
 Manager API (``google_datamanager.py``) and Google Ads API click-conversion upload
-(``google_ads.py``), with the shared Google pieces in ``google_common.py``.
+(``google_ads.py``), with the shared Google pieces in ``google_common.py``; LinkedIn
+Conversions API (``linkedin.py``) and Snap Conversions API v3 (``snapchat.py``).
 
 Typical use::
 

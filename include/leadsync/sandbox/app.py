@@ -1,7 +1,8 @@
 """The sandbox application: shared store, fault queue, control routes and the app factory.
 
 The sandbox is a loopback emulator of the ad platforms' conversion APIs. Each platform lives in a
-sibling module (``meta.py``, ``tiktok.py``, ``google_datamanager.py``, ``google_ads.py``) that
+sibling module (``meta.py``, ``tiktok.py``, ``google_datamanager.py``, ``google_ads.py``,
+``linkedin.py``, ``snapchat.py``) that
 exposes a :class:`PlatformSpec` named ``PLATFORM``; :func:`create_app` mounts every module listed in
 :data:`PLATFORM_MODULES`. The pieces shared by all platforms live here:
 
@@ -36,10 +37,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 #: Modules that define a platform emulator (each exposes ``PLATFORM: PlatformSpec``).
 PLATFORM_MODULES: tuple[str, ...] = (
+    # Snap's /v3/{pixel}/events is mounted before Meta's /{version}/{pixel}/events, which
+    # would otherwise answer it with "invalid API version" (routes match in mount order).
+    "leadsync.sandbox.snapchat",
     "leadsync.sandbox.meta",
     "leadsync.sandbox.tiktok",
     "leadsync.sandbox.google_datamanager",
     "leadsync.sandbox.google_ads",
+    "leadsync.sandbox.linkedin",
     "leadsync.sandbox.pinterest",
     "leadsync.sandbox.reddit",
 )
@@ -72,6 +77,12 @@ class SandboxConfig:
         google_max_age_seconds: How old a Google conversion may be (the click-through window).
         datamanager_processing_seconds: How long a Data Manager request stays PROCESSING
             before ``requestStatus:retrieve`` reports its outcome.
+        linkedin_tokens: Bearer tokens the LinkedIn emulator accepts.
+        linkedin_conversion_rules: Conversion rule ids (CONVERSIONS_API) it knows.
+        linkedin_min_version: The oldest ``LinkedIn-Version`` still served (older: 426).
+        snapchat_tokens: Conversions API tokens the Snap emulator accepts.
+        snapchat_pixels: Snap Pixel ids those tokens may send to.
+        snapchat_max_age_seconds: How old a Snap ``event_time`` may be.
         pinterest_tokens: Conversion access tokens the Pinterest emulator accepts (Bearer).
         pinterest_ad_accounts: Pinterest ad account ids those tokens may send to.
         reddit_tokens: Conversion access tokens the Reddit emulator accepts (Bearer).
@@ -99,6 +110,16 @@ class SandboxConfig:
     google_ads_allowlisted: set[str] | None = None  # None: every google_customers account
     google_max_age_seconds: int = 90 * _ONE_DAY
     datamanager_processing_seconds: float = 0.0
+    linkedin_tokens: set[str] = field(default_factory=lambda: {"sandbox-linkedin-token"})
+    linkedin_conversion_rules: set[str] = field(
+        default_factory=lambda: {"20000001", "20000002", "20000003", "20000004"}
+    )
+    linkedin_min_version: str = "202511"
+    snapchat_tokens: set[str] = field(default_factory=lambda: {"sandbox-snapchat-token"})
+    snapchat_pixels: set[str] = field(
+        default_factory=lambda: {"5a9d5a9d-0000-4000-8000-000000000001"}
+    )
+    snapchat_max_age_seconds: int = 37 * _ONE_DAY
     pinterest_tokens: set[str] = field(default_factory=lambda: {"sandbox-pinterest-token"})
     pinterest_ad_accounts: set[str] = field(default_factory=lambda: {"549755885175"})
     reddit_tokens: set[str] = field(default_factory=lambda: {"sandbox-reddit-token"})

@@ -10,6 +10,7 @@ lead_id and stage, and the outbox holds payloads whose identifiers are already h
 The store is one class composed of parts with one job each, all over one engine:
 :mod:`~leadsync.state.schema` (tables, migrations), :mod:`~leadsync.state.leases`,
 :mod:`~leadsync.state.runs` (runs, watermarks), :mod:`~leadsync.state.ledger` (ledger, outbox),
+:mod:`~leadsync.state.outcomes` (push lanes' batch claims, request outcomes),
 :mod:`~leadsync.state.quarantine` and :mod:`~leadsync.state.requests`.
 """
 
@@ -39,6 +40,7 @@ from leadsync.state.model import (
     json_lead_id,
     utcnow,
 )
+from leadsync.state.outcomes import OutcomePart
 from leadsync.state.quarantine import QuarantinePart
 from leadsync.state.requests import RequestPart
 from leadsync.state.runs import RunPart
@@ -68,7 +70,8 @@ __all__ = [
 ]
 
 
-class StateStore(SchemaPart, LeasePart, RunPart, LedgerPart, QuarantinePart, RequestPart):
+class StateStore(SchemaPart, LeasePart, RunPart, LedgerPart, OutcomePart, QuarantinePart,
+                 RequestPart):
     """All reads and writes of leadsync's own state."""
 
     def __init__(self, engine: Engine) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -96,8 +96,10 @@ class LeasePart(StorePart):
         return str(row.holder)
 
     @contextmanager
-    def heartbeat(self, destination: str, holder: str, ttl: timedelta) -> Iterator[None]:
-        """Keeps renewing the lease in a thread while a long step runs."""
+    def heartbeat(self, destination: str, holder: str, ttl: timedelta,
+                  also: Callable[[], object] | None = None) -> Iterator[None]:
+        """Keeps renewing the lease in a thread while a long step runs; ``also`` is called
+        after each renewal (a push lane renews its batch claims with it)."""
         stop = threading.Event()
         interval = max(0.5, ttl.total_seconds() / 3)
 
@@ -107,6 +109,8 @@ class LeasePart(StorePart):
                     if not self.renew_lease(destination, holder, ttl):
                         log.warning("lease on %s lost by %s", destination, holder)
                         return
+                    if also is not None:
+                        also()
                 except Exception:
                     log.warning("lease heartbeat for %s failed", destination, exc_info=True)
 

@@ -11,22 +11,16 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection
 
 from leadsync.state.model import (
-    BATCH_DONE,
     BATCH_PENDING,
-    DELIVERED,
-    PENDING,
     Batch,
     Cursor,
-    EventOutcome,
     LedgerEntry,
     LedgerRecord,
     StorePart,
     _cursor_from_json,
     _cursor_json,
-    _event_key,
     utcnow,
 )
-from leadsync.state.runs import _update_run
 from leadsync.state.schema import ledger, outbox
 
 
@@ -216,73 +210,6 @@ class LedgerPart(StorePart):
                 .values(attempts=outbox.c.attempts + 1, last_error=error, updated_at=utcnow())
             )
 
-    def record_outcomes(
-        self,
-        batch: Batch,
-        outcomes: Mapping[str, EventOutcome],
-        run_id: str,
-        counts: Mapping[str, int] | None = None,
-    ) -> None:
-        """Records per-event outcomes of a batch, and closes it once nothing is pending.
-
-        One transaction: the ledger, the outbox and the run's counters move together, so a
-        crash leaves either the old state (the batch is resent with the same ids) or the new.
-        """
-        now = utcnow()
-        with self.engine.begin() as conn:
-            by_status: dict[tuple[str, str | None, str | None], list[str]] = {}
-            for event_id, outcome in outcomes.items():
-                by_status.setdefault(
-                    (outcome.status, outcome.reason, outcome.detail), []
-                ).append(event_id)
-            for (status, reason, detail), ids in by_status.items():
-                values: dict[str, Any] = {
-                    "status": status,
-                    "reason": reason,
-                    "detail": detail,
-                    "updated_at": now,
-                    "attempts": ledger.c.attempts + 1,
-                }
-                if status == DELIVERED:
-                    values["delivered_at"] = now
-                for start in range(0, len(ids), 900):
-                    conn.execute(
-                        update(ledger)
-                        .where(
-                            ledger.c.destination == batch.destination,
-                            ledger.c.event_id.in_(ids[start : start + 900]),
-                        )
-                        .values(**values)
-                    )
-            remaining = [
-                e for e in batch.events if outcomes.get(_event_key(e), EventOutcome(PENDING)).status
-                == PENDING
-            ]
-            if remaining:
-                conn.execute(
-                    update(outbox)
-                    .where(outbox.c.batch_id == batch.batch_id)
-                    .values(
-                        payload=_encode_events(remaining),
-                        n_events=len(remaining),
-                        attempts=outbox.c.attempts + 1,
-                        updated_at=now,
-                    )
-                )
-            else:
-                # Delivered: the hashed payload is purged, the ledger keeps the outcome.
-                conn.execute(
-                    update(outbox)
-                    .where(outbox.c.batch_id == batch.batch_id)
-                    .values(
-                        status=BATCH_DONE,
-                        payload=None,
-                        attempts=outbox.c.attempts + 1,
-                        updated_at=now,
-                    )
-                )
-            if counts:
-                _update_run(conn, run_id, batch.destination, counts)
     def ledger_rows(self, destination: str) -> list[dict[str, Any]]:
         """Every ledger row of a destination (tests and inspection)."""
         with self.engine.connect() as conn:

@@ -238,10 +238,12 @@ def _update_run(
     status: str | None = None,
     watermark_after: Cursor | None = None,
 ) -> None:
+    # Locked (Postgres): push lanes add their counts to one run row at the same time, and a
+    # read-modify-write without the lock would lose some.
     row = conn.execute(
         select(runs.c.counts, runs.c.window_max).where(
             runs.c.run_id == run_id, runs.c.destination == destination
-        )
+        ).with_for_update()
     ).first()
     if row is None:
         return

@@ -24,6 +24,7 @@ from sqlalchemy import (
     insert,
     select,
 )
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Connection, Dialect
 
@@ -109,8 +110,16 @@ outbox = Table(
     Column("last_error", Text),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # The push lane sending the batch, its run, and until when its claim holds (renewed while
+    # the lane lives). With no lane named, claim_run is the run that sent the batch and got
+    # an answer (events the platform deferred wait for the next run). Migration 3.
+    Column("claimed_by", String(300)),
+    Column("claim_run", String(250)),
+    Column("claimed_until", UTCDateTime),
     Index("ix_ls_outbox_dest_status", "destination", "status", "created_at"),
 )
+
+_OUTBOX_CLAIM_COLUMNS = ("claimed_by", "claim_run", "claimed_until")
 
 quarantine = Table(
     "ls_quarantine",
@@ -191,8 +200,20 @@ def _migration_2(conn: Connection) -> None:
     )
 
 
+def _migration_outbox_claims(conn: Connection) -> None:
+    # Push lanes claim batches atomically. A database created by this version already has
+    # the columns (migration 1 creates the table as defined above).
+    have = {c["name"] for c in sa_inspect(conn).get_columns("ls_outbox")}
+    for name in _OUTBOX_CLAIM_COLUMNS:
+        if name not in have:
+            column = outbox.c[name]
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE ls_outbox ADD COLUMN {name} {kind}")
+
+
 # Ordered; each entry runs once, in its own transaction, recorded in ls_schema_version.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2,
+                                                  _migration_outbox_claims]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Postgres advisory lock key that serialises migrators (any constant unique to leadsync).
 _MIGRATION_LOCK = 0x6C65616473796E63  # "leadsync"

@@ -1,0 +1,231 @@
+"""Push lanes' side of the outbox: atomic batch claims, and each request's outcomes in bulk.
+
+A claim is one statement, so two lanes (threads, processes, workers on other machines) never
+take one batch: on Postgres the batch is picked with ``FOR UPDATE SKIP LOCKED`` (a lane skips
+rows another lane is claiming instead of waiting for them), on SQLite the single ``UPDATE``
+runs under the database's write lock. A claim names its lane, its run and an expiry that the
+lane keeps pushing forward while it lives; a batch whose lane died is free again once the
+claim expires, and at once for a later run (which holds the destination's lease, so the old
+run is over).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Text, and_, bindparam, case, func, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import Connection
+
+from leadsync.state.ledger import _decode_events, _encode_events
+from leadsync.state.model import (
+    BATCH_DONE,
+    BATCH_PENDING,
+    DELIVERED,
+    PENDING,
+    Batch,
+    EventOutcome,
+    StorePart,
+    _cursor_from_json,
+    _event_key,
+    utcnow,
+)
+from leadsync.state.runs import _update_run
+from leadsync.state.schema import UTCDateTime, ledger, outbox
+
+# Ledger rows per statement when outcomes are written.
+_OUTCOME_CHUNK = 2000
+
+
+class OutcomePart(StorePart):
+    """Claims of outbox batches by push lanes, and the outcomes their requests got."""
+
+    def claim_batch(
+        self,
+        destination: str,
+        run_id: str,
+        holder: str,
+        ttl: timedelta,
+        *,
+        batch_id: str | None = None,
+        raw_bodies: bool = False,
+    ) -> Batch | None:
+        """Claims the oldest pending batch that ``holder`` (a lane of ``run_id``) may send.
+
+        A batch may be taken when nobody claims it, when its claim expired, or when the claim
+        belongs to another run; not when this run already sent it and got an answer (what the
+        platform deferred waits for the next run). ``batch_id`` claims that batch only.
+        Returns the batch with its payload (``raw_bodies``: see :meth:`load_batch`), or None.
+        """
+        now = utcnow()
+        pick = (
+            select(outbox.c.batch_id)
+            .where(
+                outbox.c.destination == destination,
+                outbox.c.status == BATCH_PENDING,
+                or_(
+                    outbox.c.claim_run.is_(None),
+                    outbox.c.claim_run != run_id,
+                    and_(outbox.c.claimed_by.is_not(None), outbox.c.claimed_until < now),
+                ),
+            )
+            .order_by(outbox.c.created_at, outbox.c.seq)
+            .limit(1)
+        )
+        if batch_id is not None:
+            pick = pick.where(outbox.c.batch_id == batch_id)
+        if self.engine.dialect.name == "postgresql":
+            pick = pick.with_for_update(skip_locked=True)
+        claim = (
+            update(outbox)
+            .where(outbox.c.batch_id == pick.scalar_subquery())
+            .values(claimed_by=holder, claim_run=run_id, claimed_until=now + ttl)
+            .returning(outbox.c.batch_id, outbox.c.destination, outbox.c.run_id,
+                       outbox.c.status, outbox.c.payload, outbox.c.attempts,
+                       outbox.c.prev_cursor)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(claim).first()
+        if row is None:
+            return None
+        return Batch(
+            batch_id=row.batch_id,
+            destination=row.destination,
+            run_id=row.run_id,
+            status=row.status,
+            events=_decode_events(row.payload, raw_bodies) if row.payload else [],
+            attempts=row.attempts,
+            prev_cursor=_cursor_from_json(row.prev_cursor),
+        )
+
+    def renew_claims(self, destination: str, holder: str, ttl: timedelta) -> int:
+        """Pushes the expiry of ``holder``'s claims forward; returns how many it holds."""
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(outbox)
+                .where(outbox.c.destination == destination, outbox.c.status == BATCH_PENDING,
+                       outbox.c.claimed_by == holder)
+                .values(claimed_until=utcnow() + ttl)
+            ).rowcount
+
+    def release_claim(self, batch_id: str, holder: str) -> None:
+        """Frees a batch ``holder`` still claims (its lane stopped before an answer)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(outbox)
+                .where(outbox.c.batch_id == batch_id, outbox.c.claimed_by == holder)
+                .values(claimed_by=None, claim_run=None, claimed_until=None)
+            )
+
+    def claimed_batches(self, destination: str) -> dict[str, str]:
+        """Pending batches under a live claim, and their lane (inspection and tests)."""
+        with self.engine.connect() as conn:
+            return {
+                row.batch_id: row.claimed_by
+                for row in conn.execute(
+                    select(outbox.c.batch_id, outbox.c.claimed_by).where(
+                        outbox.c.destination == destination,
+                        outbox.c.status == BATCH_PENDING,
+                        outbox.c.claimed_by.is_not(None),
+                        outbox.c.claimed_until >= utcnow(),
+                    )
+                )
+            }
+
+    def record_outcomes(
+        self,
+        batch: Batch,
+        outcomes: Mapping[str, EventOutcome],
+        run_id: str,
+        counts: Mapping[str, int] | None = None,
+        *,
+        holder: str | None = None,
+        answered: bool = True,
+    ) -> None:
+        """Records per-event outcomes of a batch, and closes it once nothing is pending.
+
+        One transaction: the ledger, the outbox and the run's counters move together, so a
+        crash leaves either the old state (the batch is resent with the same ids) or the new.
+        The ledger is written as a set (one statement per 2,000 events), by primary key.
+
+        ``holder``'s claim on the batch ends. A batch left pending after an ``answered``
+        request (events the platform deferred) is not taken again by this run; after an
+        error (transient errors outlasted the retries) it is free for a retry at once.
+        """
+        now = utcnow()
+        with self.engine.begin() as conn:
+            _write_outcomes(conn, batch.destination, outcomes, now)
+            remaining = [
+                e for e in batch.events
+                if outcomes.get(_event_key(e), EventOutcome(PENDING)).status == PENDING
+            ]
+            values_: dict[str, Any] = {"attempts": outbox.c.attempts + 1, "updated_at": now}
+            if remaining:
+                values_.update(payload=_encode_events(remaining), n_events=len(remaining))
+            else:
+                # Delivered: the hashed payload is purged, the ledger keeps the outcome.
+                values_.update(status=BATCH_DONE, payload=None)
+            if holder is not None:
+                # Only our own claim ends: had it expired and another lane taken the batch,
+                # that lane's claim stands.
+                ours = outbox.c.claimed_by == holder
+                values_.update(
+                    claimed_by=case((ours, None), else_=outbox.c.claimed_by),
+                    claimed_until=case((ours, None), else_=outbox.c.claimed_until),
+                    claim_run=case((ours, run_id if answered else None),
+                                   else_=outbox.c.claim_run),
+                )
+            conn.execute(
+                update(outbox).where(outbox.c.batch_id == batch.batch_id).values(**values_)
+            )
+            if counts:
+                _update_run(conn, run_id, batch.destination, counts)
+
+
+def _write_outcomes(conn: Connection, destination: str, outcomes: Mapping[str, EventOutcome],
+                    now: datetime) -> None:
+    """Ledger status, reason and detail of each event: a set operation by primary key, not a
+    statement per event (Postgres: ``UPDATE … FROM unnest(arrays)``; SQLite: executemany)."""
+    if not outcomes:
+        return
+    stamp = literal(now, UTCDateTime())
+    if conn.dialect.name == "postgresql":
+        # Four array parameters, not a VALUES list: the statement compiles once (a 1,000-row
+        # VALUES took 0.3 s to compile), and unnest's small row estimate keeps the planner on
+        # the primary key instead of hashing the whole ledger (measured 55 ms vs 200-450 ms
+        # per 1,000 events on a 200k-row ledger).
+        v = func.unnest(
+            bindparam("b_ids", type_=ARRAY(Text)), bindparam("b_statuses", type_=ARRAY(Text)),
+            bindparam("b_reasons", type_=ARRAY(Text)), bindparam("b_details", type_=ARRAY(Text)),
+        ).table_valued("event_id", "status", "reason", "detail").render_derived(name="v")
+        stmt = (
+            update(ledger)
+            .where(ledger.c.destination == destination, ledger.c.event_id == v.c.event_id)
+            .values(status=v.c.status, reason=v.c.reason, detail=v.c.detail, updated_at=now,
+                    attempts=ledger.c.attempts + 1,
+                    delivered_at=case((v.c.status == DELIVERED, stamp),
+                                      else_=ledger.c.delivered_at))
+        )
+        items = list(outcomes.items())
+        for start in range(0, len(items), _OUTCOME_CHUNK):
+            part = items[start : start + _OUTCOME_CHUNK]
+            conn.execute(stmt, {"b_ids": [e for e, _ in part],
+                                "b_statuses": [o.status for _, o in part],
+                                "b_reasons": [o.reason for _, o in part],
+                                "b_details": [o.detail for _, o in part]})
+        return
+    stmt = (
+        update(ledger)
+        .where(ledger.c.destination == bindparam("b_dest"),
+               ledger.c.event_id == bindparam("b_event"))
+        .values(status=bindparam("b_status"), reason=bindparam("b_reason"),
+                detail=bindparam("b_detail"), updated_at=now,
+                attempts=ledger.c.attempts + 1,
+                delivered_at=case((bindparam("b_status") == DELIVERED, stamp),
+                                  else_=ledger.c.delivered_at))
+    )
+    conn.execute(stmt, [{"b_dest": destination, "b_event": e, "b_status": o.status,
+                         "b_reason": o.reason, "b_detail": o.detail}
+                        for e, o in outcomes.items()])
