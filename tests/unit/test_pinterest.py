@@ -302,3 +302,18 @@ def test_a_bad_token_stops_the_run(client: TestClient) -> None:
         [plan.envelope], NOW)
     assert isinstance(report.error, FatalDestinationError)
     assert "leadsync_pinterest" in str(report.error)
+
+
+def test_a_bad_email_is_dropped_and_pinterest_needs_ip_with_user_agent_then() -> None:
+    """Through the data contract: an unusable email leaves the phone, which Pinterest cannot
+    match on alone (quarantined no_match_keys); with IP and user agent the row is sent."""
+    config = parse_config({"destinations": [{"name": "pinterest", "type": "pinterest",
+                                             "stages": {"won": "checkout"}}]})
+    d = config.destinations[0]
+    rows = [row(email="anna@"), row(lead_id="L2", email="anna@", client_ip=None)]
+    lines = list(render_requests(rows, d, CREDS, NOW, config=config))
+    [request] = [line for line in lines if "body" in line]
+    [event] = request["body"]["data"]
+    assert "em" not in event["user_data"] and event["user_data"]["ph"] == [sha("16505550123")]
+    [skipped] = [line["skipped"] for line in lines if "skipped" in line]
+    assert (skipped["lead_id"], skipped["reason"]) == ("L2", "no_match_keys")

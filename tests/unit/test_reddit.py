@@ -247,3 +247,22 @@ def test_the_default_config_sends_to_both_new_platforms_in_the_demo() -> None:
     reddit_creds = sandbox_credentials(by_type["reddit"], "http://127.0.0.1:1")
     assert reddit_creds.access_token in sandbox.reddit_tokens
     assert reddit_creds.pixel_id in sandbox.reddit_pixels
+
+
+def test_a_bad_email_is_dropped_and_the_row_sent_on_its_phone() -> None:
+    """Through the data contract (as render runs it): the email is unusable, the phone is not,
+    so the event goes out with the phone only; with no phone either, the row is quarantined."""
+    from leadsync.config import parse_config
+
+    config = parse_config({"destinations": [{"name": "reddit", "type": "reddit",
+                                             "stages": {"won": "PURCHASE"}}]})
+    d = config.destinations[0]
+    rows = [row(email="anna@", rdt_cid=None, client_ip=None, external_id=None),
+            row(lead_id="L2", email="anna@", phone=None, rdt_cid=None, client_ip=None,
+                external_id=None)]
+    lines = list(render_requests(rows, d, CREDS, NOW, config=config))
+    [request] = [line for line in lines if "body" in line]
+    [event] = request["body"]["data"]["events"]
+    assert "email" not in event["user"] and event["user"]["phone_number"] == sha("+16505550123")
+    [skipped] = [line["skipped"] for line in lines if "skipped" in line]
+    assert (skipped["lead_id"], skipped["reason"]) == ("L2", "no_match_keys")
