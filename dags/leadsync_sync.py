@@ -5,14 +5,17 @@ One DAG per destination in `include/leadsync.yaml` (dag_id `leadsync_<name>`). E
 
 1. **open_run** takes the destination's lease in the state store (two runs never interleave),
    and plans the window: from the watermark minus the lookback to now minus the settle lag.
-2. **check_contract** validates the window against the data contract (a Great Expectations
-   suite, batch by batch): rows that break a rule go to quarantine with the rule's code, the
-   counts per rule are in the log and the XCom, and the log says where the Data Docs are. If
-   the window is broken (a missing column, a column of the wrong type, or more failing rows
-   than `contract.failure_threshold`), the task fails and nothing is staged or sent.
-3. **stage_events** streams the window again, skips the rows the check quarantined, decides
-   eligibility (stage mapped, consent, age window, match keys), hashes identifiers and writes
-   outbox batches (hashed only).
+2. **check_contract** reads the window once: rows the ledger already settled (unchanged since)
+   cost a key lookup; the others are validated against the data contract (a Great
+   Expectations suite, batch by batch) and, meanwhile, eligibility is decided (stage mapped,
+   consent, age window, match keys), identifiers hashed, and the rows that pass written to
+   outbox batches held for this run (hashed only). Rows that break a rule go to quarantine
+   with the rule's code, the counts per rule are in the log and the XCom, and the log says
+   where the Data Docs are. Only when the whole window passed are the held batches released;
+   if the window is broken (a missing column, a column of the wrong type, or more failing
+   rows than `contract.failure_threshold`), they are discarded, the task fails and nothing is
+   sent.
+3. **stage_events** hands push the batches to send (this run's and older leftovers).
 4. **push_lane** (mapped over the destination's `push_lanes`, default 2: a fixed number of
    task instances whatever the backlog) drains the pending outbox batches, older leftovers
    first: each lane claims one batch at a time atomically (two lanes or workers never send
@@ -85,10 +88,11 @@ def build_dag(dest: DestinationConfig) -> DAG:
                 raise AirflowFailException(str(exc)) from None  # no retry: fix the source first
 
         @task
-        def stage_events(run: dict[str, Any]) -> list[str]:
+        def stage_events(run: dict[str, Any]) -> dict[str, Any]:
             from leadsync.tasks import pipeline_for
 
-            return list(pipeline_for(dest.name).stage(run["run_id"])["batch_ids"])
+            # Batch ids and counts (identifiers left out of the events included).
+            return pipeline_for(dest.name).stage(run["run_id"])
 
         @task(retries=3)
         def push_lane(lane: int, **context: Any) -> dict[str, int]:

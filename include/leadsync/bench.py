@@ -76,9 +76,10 @@ from urllib.parse import parse_qs
 from requests import PreparedRequest, Response
 from requests.adapters import HTTPAdapter
 
-TARGET_RATIO = 8.0
+TARGET_RATIO = 10.0
 REPETITIONS = 3
 QUICK_EVENTS = 2_000
+DAG_CASES = "sqlite:200000,sqlite:1000000,postgres:1000000"
 QUICK_E2E_ROWS = (5_000,)
 PROFILE_ROWS = 20_000
 SANDBOX_TOKEN = "sandbox-meta-token"  # noqa: S105 - the local emulator's fixed token
@@ -245,10 +246,10 @@ def _ours_pass(
     """Planner.plan for every row, each event serialised once (as stage stores it), and one
     request per 1,000 events; returns (events, send CPU s)."""
     from leadsync.destinations.http import encode_event
-    from leadsync.pipeline import Planned, Planner
+    from leadsync.pipeline import Planned, Planner, batch_size
 
     raw = getattr(module, "RAW_EVENT_BODIES", False)
-    size = min(dest.batch_size or module.LIMITS.max_batch_events, module.LIMITS.max_batch_events)
+    size = batch_size(dest, module)
     batch: list[Any] = []  # event dicts, or their JSON (msgspec.Raw)
     events = 0
     send_cpu = 0.0
@@ -416,14 +417,14 @@ def run_build(n: int, *, repetitions: int = REPETITIONS, profile: bool = True) -
     from leadsync.config import get_config
     from leadsync.destinations import get_destination
     from leadsync.destinations.http import HttpClient
-    from leadsync.pipeline import Planned, Planner
+    from leadsync.pipeline import Planned, Planner, batch_size
 
     dest = _meta_destination(get_config())
     module = get_destination(dest.type)
     now = datetime.now(UTC)
     creds = module.parse_credentials("http://sandbox.invalid", SANDBOX_TOKEN,
                                      {"pixel_id": SANDBOX_PIXEL})
-    size = min(dest.batch_size or module.LIMITS.max_batch_events, module.LIMITS.max_batch_events)
+    size = batch_size(dest, module)
 
     # Not timed: the rows, and which of them become events (the SDK builds exactly those).
     planner = Planner(dest, module, now)
@@ -1039,6 +1040,13 @@ def main(args: argparse.Namespace) -> int:
             ok = ok and result.correct
         if len(results) >= 2:
             print_e2e_summary(results)
+    if not getattr(args, "skip_dag", False):
+        from leadsync import bench_dag
+
+        cases = ([("sqlite", QUICK_E2E_ROWS[0])] if quick
+                 else bench_dag.parse_cases(getattr(args, "dag_cases", DAG_CASES)))
+        dag_results = bench_dag.run_all(cases, str(args.postgres_url))
+        ok = ok and all(c.correct for c in dag_results)
     print(f"total {time.perf_counter() - started:.0f} s; "
           f"{'all correctness checks passed' if ok else 'CORRECTNESS CHECKS FAILED'}")
     return 0 if ok else 1
@@ -1059,7 +1067,7 @@ def run_platforms(n: int) -> dict[str, tuple[int, float]]:
     from leadsync.config import get_config
     from leadsync.destinations import get_destination
     from leadsync.destinations.http import encode_json
-    from leadsync.pipeline import Planned, Planner
+    from leadsync.pipeline import Planned, Planner, batch_size
 
     now = datetime.now(UTC)
     rows = list(demo_data.generate_rows_fast(n, now, seed=3))
@@ -1067,8 +1075,7 @@ def run_platforms(n: int) -> dict[str, tuple[int, float]]:
     setups = []
     for dest in dests:
         module = get_destination(dest.type)
-        size = min(dest.batch_size or module.LIMITS.max_batch_events,
-                   module.LIMITS.max_batch_events)
+        size = batch_size(dest, module)
         setups.append((dest, module, size, sandbox_credentials(dest, "http://127.0.0.1:9"),
                        Planner(dest, module, now).plan))
 
@@ -1143,6 +1150,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--e2e-rows", default="100000,1000000",
                         help="comma-separated row counts for the end-to-end benchmark (b)")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--dag-cases", default=DAG_CASES,
+                        help="backend:rows cases for the real-DAG benchmark (d)")
+    parser.add_argument("--skip-dag", action="store_true")
     parser.add_argument("--postgres-url", default=os.environ.get(
         "LEADSYNC_BENCH_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"),
         help="admin URL for scratch databases, or 'sqlite' for SQLite files")

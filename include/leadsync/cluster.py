@@ -197,7 +197,6 @@ class Cluster:
             "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "1",
             "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__GLOBAL_KEYPREFIX": f"ls{self.ident}:",
             "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "21600",
-            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(ports["trigger_logs"]),
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
             # Calls from tasks to the API server: a busy machine answers slower than 5 s.
             "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
@@ -335,8 +334,7 @@ class Cluster:
             "fernet_key": old.get("fernet_key") or _fernet_key(),
             "jwt_secret": old.get("jwt_secret") or secrets.token_urlsafe(64),
             "api_secret": old.get("api_secret") or secrets.token_urlsafe(32),
-            "ports": {"api": free_port(), "sandbox": free_port(), "trigger_logs": free_port(),
-                      **{f"worker{i}_logs": free_port() for i in range(1, self.workers + 1)}},
+            "ports": {"api": free_port(), "sandbox": free_port()},
             "processes": {},
         }
         passwords = self.home / "passwords.json"
@@ -351,20 +349,21 @@ class Cluster:
             self._spawn(rec, "sandbox", [sys.executable, "-m", "leadsync.cli", "sandbox",
                                          "--port", str(rec["ports"]["sandbox"]),
                                          "--store", str(self.home / "sandbox.db")], env)
-            for name in ("api-server", "dag-processor", "triggerer"):
-                self._spawn(rec, name, ["airflow", name], env)
+            # Every process shares this machine's log folder: no log server (they would listen
+            # on every interface) for the triggerer and the workers.
+            self._spawn(rec, "api-server", ["airflow", "api-server"], env)
+            self._spawn(rec, "dag-processor", ["airflow", "dag-processor"], env)
+            self._spawn(rec, "triggerer", ["airflow", "triggerer", "--skip-serve-logs"], env)
             for i in range(1, self.workers + 1):
                 name = f"worker{i}"
                 wenv = {**env,
-                        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT":
-                            str(rec["ports"][f"{name}_logs"]),
                         # Which worker ran a task shows in the task instance's hostname.
                         "AIRFLOW__CORE__HOSTNAME_CALLABLE": "leadsync.cluster.worker_hostname",
                         "LEADSYNC_CLUSTER_WORKER": name}
                 self._spawn(rec, name, ["airflow", "celery", "worker", "--concurrency",
                                         str(WORKER_CONCURRENCY), "--celery-hostname",
                                         f"{name}-{self.ident}@%h", "--without-mingle",
-                                        "--without-gossip"], wenv)
+                                        "--without-gossip", "--skip-serve-logs"], wenv)
             self._wait_healthy(rec, timeout, say)
             # Tasks are dispatched only once the API server they report to answers.
             self._spawn(rec, "scheduler", ["airflow", "scheduler"], env)
@@ -614,10 +613,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def ui(port: int | None = None) -> int:
-    """Serves the Airflow UI over the demo's own Airflow home (``airflow standalone``: API
-    server, scheduler, dag-processor, triggerer), in the foreground until Ctrl+C, with the
-    platform sandbox and its connections, so the demo's runs and task logs show and a run
-    triggered from the UI works too."""
+    """Serves the Airflow UI over the demo's own Airflow home (API server, scheduler on the
+    LocalExecutor, dag-processor, triggerer), in the foreground until Ctrl+C, with the platform
+    sandbox and its connections, so the demo's DAGs and runs show and a run triggered from the
+    UI works too. Like ``airflow standalone``, except that nothing listens beyond loopback:
+    every component shares this machine's log folder, so no log server runs."""
     from leadsync.cli import (
         SANDBOX_META_PIXEL,
         SANDBOX_META_TOKEN,
@@ -632,7 +632,7 @@ def ui(port: int | None = None) -> int:
     env = airflow_env()
     airflow_home = Path(env["AIRFLOW_HOME"])
     if not (airflow_home / ".leadsync-initialised").exists():
-        print("no demo yet: run `make demo` first (the UI then shows its runs)", flush=True)
+        print("no demo yet: `make demo` first fills the UI with its runs", flush=True)
     ensure_airflow_db(env)
     passwords = airflow_home / "ui-passwords.json"
     if not passwords.exists():
@@ -640,25 +640,70 @@ def ui(port: int | None = None) -> int:
         passwords.chmod(0o600)
     password = json.loads(passwords.read_text())[ADMIN_USER]
     port = port or free_port()
+    api = f"http://127.0.0.1:{port}"
+    log_dir = home / "ui-logs"
+    log_dir.mkdir(exist_ok=True)
     sandbox_cfg = SandboxConfig(meta_tokens={SANDBOX_META_TOKEN}, meta_pixels={SANDBOX_META_PIXEL},
                                 store_path=str(home / "sandbox.db"))
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     with SandboxServer(sandbox_cfg) as sandbox:
         env.update(sandbox_connections(sandbox.url))
         env.update({
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(64),
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(port),
-            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+            "AIRFLOW__API__BASE_URL": api,
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         })
-        print(f"Airflow UI: http://127.0.0.1:{port}  (login {ADMIN_USER} / {password}); "
-              f"the demo's runs are under DAGs → leadsync_*; the sandbox is at {sandbox.url}.\n"
-              "Starting Airflow (about a minute); Ctrl+C stops it.", flush=True)
+        print(f"starting the Airflow UI over {airflow_home} (about a minute; logs in "
+              f"{log_dir})…", flush=True)
         try:
-            return subprocess.call(["airflow", "standalone"], env=env)  # noqa: S607
+            for name, args in (("api-server", ["api-server"]),
+                               ("scheduler", ["scheduler", "--skip-serve-logs"]),
+                               ("dag-processor", ["dag-processor"]),
+                               ("triggerer", ["triggerer", "--skip-serve-logs"])):
+                with (log_dir / f"{name}.log").open("ab") as log:
+                    procs[name] = subprocess.Popen(  # noqa: S603
+                        ["airflow", *args], env=env, stdout=log, stderr=subprocess.STDOUT,  # noqa: S607
+                        stdin=subprocess.DEVNULL, start_new_session=True)
+            while not Cluster._api_healthy(api):
+                _check_alive(procs, log_dir)
+                time.sleep(1)
+            print(f"Airflow UI: {api}  (login {ADMIN_USER} / {password}); the demo's runs are "
+                  f"under DAGs → leadsync_*; the sandbox is at {sandbox.url}. Ctrl+C stops it.",
+                  flush=True)
+            while True:
+                _check_alive(procs, log_dir)
+                time.sleep(1)
         except KeyboardInterrupt:
             return 0
+        except ClusterError as exc:
+            print(f"leadsync ui: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            trees = [process_tree(p.pid) for p in procs.values()]
+            for tree in trees:
+                _signal_all(tree, signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and any(p.poll() is None for p in procs.values()):
+                time.sleep(0.3)
+            for tree in trees:
+                _signal_all(tree, signal.SIGKILL)
+            for p in procs.values():
+                p.wait()
+
+
+def _check_alive(procs: dict[str, subprocess.Popen[bytes]], log_dir: Path) -> None:
+    for name, proc in procs.items():
+        if proc.poll() is not None:
+            raise ClusterError(f"{name} exited; last lines of its log:\n"
+                               f"{_tail(log_dir / f'{name}.log')}")
 
 
 def compose_init() -> None:

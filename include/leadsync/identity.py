@@ -73,6 +73,7 @@ __all__ = [
     "normalize_state",
     "normalize_zip",
     "sha256_hex",
+    "usability_judge",
     "value_rule",
 ]
 
@@ -1010,6 +1011,64 @@ def is_usable(rule: FieldRule, row: Mapping[str, Any]) -> bool | None:
         except UnicodeEncodeError:  # lone surrogates: hash_identifiers skips them too
             return False
     return True
+
+
+def usability_judge(rule: FieldRule) -> Callable[[Mapping[str, Any]], bool | None]:
+    """:func:`is_usable` for one rule, as a function of the row built once.
+
+    The data contract judges every row of every window with it: the rule's normaliser is
+    called directly, and the verdicts of a low-cardinality rule (``memoize``) are remembered
+    by raw value (and country), bounded like the ruleset's memos.
+
+    Args:
+        rule: One rule of a platform's ruleset.
+
+    Returns:
+        ``judge(row)``, equal to ``is_usable(rule, row)``.
+    """
+    column, hashed, norm = rule.column, rule.hashed, rule.normalize
+    fn: Any  # one argument, or two with the country
+    country_column: str | None
+    if isinstance(norm, _FromColumn):
+        fn, country_column = norm.fn, None
+    elif isinstance(norm, _FromColumnAndCountry):
+        fn, country_column = norm.fn, norm.country_column
+    else:
+        return lambda row: is_usable(rule, row)
+    memo: dict[Any, bool] | None = {} if rule.memoize else None
+
+    def judge(row: Mapping[str, Any]) -> bool | None:
+        raw = row.get(column)
+        if raw is None:
+            return None
+        if raw.__class__ is str:
+            if hashed and len(raw) >= 64 and is_sha256(raw.strip()):
+                return True
+            if not raw or raw.isspace():
+                return None
+        key: Any = None
+        if memo is not None and type(raw) in _MEMO_TYPES:
+            key = raw if country_column is None else (raw, row.get(country_column))
+            try:
+                known = memo.get(key)
+            except TypeError:  # an unhashable country
+                known, key = None, None
+            if known is not None:
+                return known
+        text = fn(raw) if country_column is None else fn(raw, row.get(country_column))
+        usable = text is not None
+        if text is not None and hashed and not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError:  # lone surrogates: hash_identifiers skips them too
+                usable = False
+        if key is not None and memo is not None:
+            if len(memo) >= _MEMO_MAX:
+                memo.clear()
+            memo[key] = usable
+        return usable
+
+    return judge
 
 
 def hash_identifiers(row: Mapping[str, Any], rules: Ruleset) -> dict[str, str]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -26,8 +26,9 @@ from leadsync.destinations import get_destination
 from leadsync.destinations.base import Destination, HttpRequest, Skip, derive_event_id
 from leadsync.destinations.http import HttpClient, encode_event
 from leadsync.faults import crash_point
-from leadsync.source import Source, Window, plan_window
+from leadsync.source import REQUIRED_COLUMNS, Source, Window, plan_window
 from leadsync.state import (
+    BATCH_HELD,
     DELIVERED,
     EXPIRED,
     FAILED,
@@ -37,6 +38,7 @@ from leadsync.state import (
     Batch,
     Cursor,
     LeaseBusyError,
+    LedgerEntry,
     LedgerRecord,
     QuarantineRecord,
     StateStore,
@@ -95,10 +97,6 @@ class Rejected(msgspec.Struct, frozen=True):
     event_id: str | None = None
     event_name: str | None = None
     event_time: datetime | None = None
-
-
-# Stage's marker for a row this run's contract check quarantined (skipped, already counted).
-_CHECKED_OUT = Rejected("contract", "quarantined")
 
 
 def row_event_id(row: Mapping[str, Any]) -> str:
@@ -178,6 +176,78 @@ def plan_row(
     return Planner(dest, module, now).plan(row)
 
 
+def batch_size(dest: DestinationConfig, module: Destination) -> int:
+    """Events per outbox batch (and request): the destination's ``batch_size``, capped by the
+    platform's limit. Stage, reprocess, render and the benchmarks all batch with this."""
+    limit = module.LIMITS.max_batch_events
+    return min(dest.batch_size or limit, limit)
+
+
+# What stage does with one planned row, given what the ledger knows of its event.
+STAGE = "stage"
+TERMINAL = "terminal"  # recorded in the ledger as skipped or expired, never sent
+QUARANTINE = "quarantine"
+DROP = "drop"  # nothing to write: only counted
+
+
+class Decision(msgspec.Struct, frozen=True, gc=False):
+    """Stage's verdict on one row: what to do (:data:`STAGE`, :data:`TERMINAL`,
+    :data:`QUARANTINE` or :data:`DROP`) and the counters it adds to."""
+
+    action: str
+    counts: tuple[str, ...]
+
+
+_DECISIONS: dict[tuple[str, ...], Decision] = {}
+
+
+def _decision(action: str, *counts: str) -> Decision:
+    key = (action, *counts)
+    found = _DECISIONS.get(key)
+    if found is None:
+        found = _DECISIONS[key] = Decision(action, counts)
+    return found
+
+
+def decide(plan: Planned | Rejected, entry: LedgerEntry | None, source_ts: datetime,
+           in_batch: bool) -> Decision:
+    """What stage does with one row (pure): its plan, the ledger's entry for its event id
+    (None: never seen), the row's ``updated_at`` and whether the batch being filled already
+    holds its event id.
+
+    A delivered or dead-lettered event is never staged again (G2); a pending one is in flight;
+    a skipped or expired one whose row has not changed since is not re-recorded.
+    """
+    if isinstance(plan, Rejected):
+        if plan.status == "quarantined":
+            return _decision(QUARANTINE, "quarantined", f"quarantined.{plan.reason}")
+        if plan.event_id is None:
+            return _decision(DROP, "skipped", f"skipped.{plan.reason}")
+    if in_batch or (entry is not None and entry.status == PENDING):
+        return _decision(DROP, "in_flight")
+    if entry is not None:
+        if entry.status in (DELIVERED, FAILED):
+            return _decision(DROP, f"already_{entry.status}")
+        if entry.status in REEVALUATE and source_ts <= entry.source_ts:
+            return _decision(DROP, "unchanged")
+    if isinstance(plan, Rejected):
+        bucket = "expired" if plan.status == EXPIRED else "skipped"
+        return _decision(TERMINAL, bucket, f"{bucket}.{plan.reason}")
+    return _decision(STAGE, "staged")
+
+
+def settled(entry: LedgerEntry | None, source_ts: datetime) -> str | None:
+    """The counter of a row the ledger already settled and that has not changed since (it
+    costs a key lookup, no validation and no planning), else None."""
+    if entry is None or source_ts > entry.source_ts:
+        return None
+    if entry.status in (DELIVERED, FAILED):
+        return f"already_{entry.status}"
+    if entry.status in REEVALUATE:
+        return "unchanged"
+    return None
+
+
 def render_requests(
     rows: Iterable[Mapping[str, Any]],
     dest: DestinationConfig,
@@ -198,7 +268,7 @@ def render_requests(
         rows = list(rows)
         verdicts = quality.check_rows(rows, config, dest, now)
     module = get_destination(dest.type)
-    size = min(dest.batch_size or module.LIMITS.max_batch_events, module.LIMITS.max_batch_events)
+    size = batch_size(dest, module)
     batch: list[dict[str, Any]] = []
     seen: set[str] = set()
 
@@ -240,12 +310,261 @@ def _str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-@dataclass
-class _Buffer:
-    envelopes: list[dict[str, Any]] = field(default_factory=list)
-    records: list[LedgerRecord] = field(default_factory=list)
-    ids: set[str] = field(default_factory=set)
-    prev: Cursor | None = None
+# Counters one pass over the window sets (a retried pass replaces them, never adds to them).
+_PASS_COUNTERS = ("read", "staged", "batches", "skipped", "expired", "in_flight", "already_",
+                  "unchanged", "quarantined", "quarantine_resolved", "checked",
+                  "checked_outside_window", "identifiers_dropped")
+
+
+_NO_BODY: dict[str, Any] = {}  # a waiting row's plan keeps its encoded envelope instead
+
+
+class _Item(msgspec.Struct, gc=False):
+    """A planned row awaiting the contract's verdict: what stage needs of it, no raw values
+    (the event body is already hashed and encoded)."""
+
+    position: int
+    cursor: Cursor
+    prev: Cursor | None
+    lead_id: str
+    stage: str
+    qkey: tuple[str, str]
+    plan: Planned | Rejected
+    envelope: dict[str, Any] | None
+
+
+class _StagePass:
+    """One pass of :meth:`Pipeline.check`: settled rows, planning, held outbox batches.
+
+    Rows are planned as they are read and wait (hashed and encoded, a few hundred bytes each)
+    for the contract's verdict on their validation batch; then each is decided
+    (:func:`decide`) in the order it was read, and written in bulk: one outbox batch and its
+    ledger rows per transaction, terminal ledger rows and quarantine entries per group.
+    """
+
+    def __init__(self, pipeline: Pipeline, run_id: str, now: datetime,
+                 watermark: Cursor | None) -> None:
+        self.state = pipeline.state
+        # Rows past the watermark are new to every run that committed: only the lookback's
+        # rows (at or before it) can have been settled, so only they are looked up.
+        self.settled_until = watermark.ts if watermark is not None else None
+        self.name = pipeline.dest.name
+        self.run_id = run_id
+        self.planner = Planner(pipeline.dest, pipeline.module, now)
+        self.size = batch_size(pipeline.dest, pipeline.module)
+        self.counts: Counter[str] = Counter()
+        self.seconds: dict[str, float] = {}
+        self.position = 0  # rows handed to the contract (and planned) so far
+        self.last: Cursor | None = None  # the last row read
+        self.waiting: deque[_Item] = deque()
+        self.failed: set[int] = set()  # positions the contract turned away
+        self.open_quarantine = self.state.open_quarantine_keys(self.name)
+        self.passed: set[tuple[str, str]] = set()
+        self.envelopes: list[dict[str, Any]] = []
+        self.records: list[LedgerRecord] = []
+        self.ids: set[str] = set()
+        self.existing: set[str] = set()  # ids of the batch being filled the ledger holds
+        self.group_ids: set[str | None] = set()  # ids decided in the current group
+        self.prev: Cursor | None = None
+        self.seq = 0
+
+    @contextmanager
+    def timer(self, phase: str) -> Iterator[None]:
+        """Adds the block's wall time to ``phase`` (read, check, plan, state)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def take(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Counts a chunk as read, skips its settled rows, plans the rest; returns the rest
+        (for the contract), in order."""
+        self.counts["read"] += len(chunk)
+        ids = [row_event_id(row) for row in chunk]
+        until = self.settled_until
+        known: dict[str, LedgerEntry] = {}
+        if until is not None and chunk[0]["_cursor"].ts <= until:
+            with self.timer("state"):
+                known = self.state.ledger_lookup(self.name, [
+                    event_id for row, event_id in zip(chunk, ids, strict=True)
+                    if row["_cursor"].ts <= until])
+        fresh: list[dict[str, Any]] = []
+        counts = self.counts
+        plan = self.planner.plan
+        prev = self.last
+        with self.timer("plan"):
+            for row, event_id in zip(chunk, ids, strict=True):
+                cursor: Cursor = row["_cursor"]
+                done = settled(known.get(event_id), cursor.ts) if known else None
+                if done is not None:
+                    counts[done] += 1
+                else:
+                    planned = plan(row)
+                    envelope = None
+                    if isinstance(planned, Planned):
+                        # Encoded now; the event's dict (~30 objects) is not kept waiting.
+                        envelope = planned.stored_envelope()
+                        planned = Planned(planned.event_id, planned.event_name,
+                                          planned.event_time, _NO_BODY)
+                    self.waiting.append(_Item(
+                        self.position, cursor, prev, str(row.get("lead_id"))[:128],
+                        str(row.get("stage"))[:64], quality.quarantine_key(row), planned,
+                        envelope))
+                    self.position += 1
+                    fresh.append(row)
+                prev = cursor
+        self.last = prev
+        return fresh
+
+    def quarantine_failures(self, failures: list[quality.Failure]) -> None:
+        """Writes the contract's failures to quarantine (counted by its report)."""
+        if failures:
+            with self.timer("state"):
+                self.state.quarantine_rows(self.name, self.run_id,
+                                           [f.record() for f in failures])
+
+    def verdicts(self, failures: list[quality.Failure], validated: int) -> None:
+        """Takes the contract's verdicts up to position ``validated`` and decides those rows."""
+        self.quarantine_failures(failures)
+        self.failed.update(f.position for f in failures)
+        self.decide(validated)
+
+    def decide(self, upto: int) -> None:
+        """Decides and writes every waiting row before position ``upto``."""
+        group: list[_Item] = []
+        while self.waiting and self.waiting[0].position < upto:
+            item = self.waiting.popleft()
+            if item.position in self.failed:
+                self.failed.discard(item.position)  # quarantined, counted by the contract
+            else:
+                group.append(item)
+        if not group:
+            return
+        # Events this group decides are not in the ledger yet when it is looked up below:
+        # with the batch being filled, they are what "in flight" means within the group.
+        self.group_ids = set()
+        ids = [item.plan.event_id for item in group if item.plan.event_id]
+        with self.timer("state"):
+            # Looked up again now: earlier groups of this run may have written these events.
+            known = self.state.ledger_lookup(self.name, ids) if ids else {}
+        terminal: list[LedgerRecord] = []
+        quarantined: list[QuarantineRecord] = []
+        counts = self.counts
+        for item in group:
+            plan = item.plan
+            event_id = plan.event_id
+            decision = decide(plan, known.get(event_id) if event_id else None, item.cursor.ts,
+                              event_id in self.ids or event_id in self.group_ids)
+            if event_id is not None:
+                self.group_ids.add(event_id)
+            for name in decision.counts:
+                counts[name] += 1
+            action = decision.action
+            if action == QUARANTINE:
+                assert isinstance(plan, Rejected)
+                quarantined.append(QuarantineRecord(item.qkey[0], item.qkey[1], plan.reason,
+                                                    plan.detail, item.cursor.ts))
+                continue
+            if item.qkey in self.open_quarantine:
+                self.passed.add(item.qkey)
+            if action == TERMINAL:
+                assert event_id is not None and isinstance(plan, Rejected)
+                terminal.append(LedgerRecord(
+                    event_id, item.lead_id, item.stage, plan.event_name, plan.status,
+                    item.cursor.ts, plan.event_time, reason=plan.reason))
+            elif action == STAGE:
+                assert event_id is not None and item.envelope is not None
+                if not self.envelopes:
+                    self.prev = item.prev
+                self.envelopes.append(item.envelope)
+                self.ids.add(event_id)
+                if known.get(event_id) is not None:
+                    self.existing.add(event_id)
+                self.records.append(LedgerRecord(
+                    event_id, item.lead_id, item.stage, plan.event_name, PENDING,
+                    item.cursor.ts, plan.event_time))
+                if len(self.envelopes) >= self.size:
+                    self.flush()
+        with self.timer("state"):
+            if terminal:
+                self.state.record_terminal(self.name, self.run_id, terminal)
+            if quarantined:
+                self.state.quarantine_rows(self.name, self.run_id, quarantined)
+
+    def flush(self) -> None:
+        """Writes the batch being filled as a held outbox batch with its pending ledger rows."""
+        if not self.envelopes:
+            return
+        self.seq += 1
+        batch_id = uuid.uuid4().hex
+        records = [LedgerRecord(r.event_id, r.lead_id, r.stage, r.event_name, PENDING,
+                                r.source_ts, r.event_time, batch_id=batch_id)
+                   for r in self.records]
+        with self.timer("state"):
+            # The ledger was looked up when these rows were decided, under the lease.
+            self.state.stage_batch(self.name, self.run_id, batch_id, self.seq, self.envelopes,
+                                   records, self.prev, status=BATCH_HELD,
+                                   existing=self.existing)
+        self.counts["batches"] += 1
+        self.envelopes, self.records, self.ids, self.prev = [], [], set(), None
+        self.existing = set()
+        if self.seq % 50 == 0:
+            with self.timer("state"):
+                self.state.analyze()  # a backfill outgrows the planner's statistics
+        crash_point("after_stage_batch")
+
+    def close(self) -> None:
+        """Decides what still waits (all validated by now) and writes the last batch."""
+        self.decide(self.position)
+        self.flush()
+
+    def resolve_quarantine(self) -> int:
+        """Resolves the open quarantine entries whose rows passed this time; returns how many."""
+        if not self.passed:
+            return 0
+        with self.timer("state"):
+            return self.state.resolve_quarantine(self.name, sorted(self.passed))
+
+
+class _Contract:
+    """The contract of one pass, its Great Expectations session opened on first use.
+
+    A window whose rows the ledger all settled (a run with nothing new) validates nothing, so
+    it never imports GX (seconds): its report counts no rows and passes, without Data Docs.
+    A source missing a required column opens the session at once, for the structural report.
+    """
+
+    def __init__(self, spec: quality.ContractSpec, run_id: str, now: datetime,
+                 columns: list[str], pass_: _StagePass) -> None:
+        self.spec = spec
+        self.run_id = run_id
+        self.now = now
+        self.columns = columns
+        self.pass_ = pass_
+        self.session: quality.ContractSession | None = None
+        self.columns_ok = all(c in columns for c in REQUIRED_COLUMNS)
+        if not self.columns_ok:
+            self.open()  # its structural failures are the report
+
+    def open(self) -> quality.ContractSession:
+        """The session (created, and the source's columns checked, on first call)."""
+        if self.session is None:
+            with self.pass_.timer("gx_setup"):
+                # GX is imported once per process (seconds): the heartbeat keeps the lease.
+                self.session = quality.ContractSession(self.spec, self.run_id, self.now)
+                self.session.check_columns(self.columns)
+        return self.session
+
+    def finish(self, aborted: str | None) -> quality.ContractReport:
+        """The verdict; an empty, passing report when nothing was validated."""
+        if self.session is None and aborted is None:
+            spec = self.spec
+            return quality.ContractReport(spec.destination, self.run_id,
+                                          threshold=spec.failure_threshold,
+                                          min_rows=spec.failure_min_rows,
+                                          max_quarantined_rows=spec.max_quarantined_rows)
+        return self.open().finish(aborted=aborted)
 
 
 class Pipeline:
@@ -316,74 +635,104 @@ class Pipeline:
                            self.config.source.lookback, self.config.source.settle_lag)
 
     def check(self, run_id: str) -> dict[str, Any]:
-        """Checks the run's window against the data contract, before anything is staged.
+        """Reads the run's window once: checks it against the data contract and stages it.
 
-        Streams the same window as :meth:`stage` and validates it with the Great Expectations
-        suite batch by batch (memory stays flat); failing rows go to quarantine with their rule
-        code and a fixed detail, keyed by lead_id + stage. Returns the report's counts (the
-        task's XCom). When the circuit breaker trips, the run is marked ``contract_failed`` and
-        :class:`~leadsync.quality.ContractViolation` is raised: stage refuses to run, and
-        commit keeps the watermark where it was and frees the lease.
+        Each chunk of the window is streamed once. Rows the ledger already settled, whose
+        ``updated_at`` has not changed since, cost a key lookup and nothing else. The others go
+        through the Great Expectations suite batch by batch (memory stays flat) and are planned
+        meanwhile; failing rows go to quarantine with their rule code and a fixed detail, keyed
+        by lead_id + stage, and the rows that pass are written to outbox batches *held* for
+        this run. Only when the whole window passed are the held batches released (they become
+        pending, for push), in the transaction that records the verdict. When the circuit
+        breaker trips, the held batches and this run's ledger rows are discarded in the
+        transaction that marks the run ``contract_failed``, and
+        :class:`~leadsync.quality.ContractViolation` is raised: nothing of the run is sent,
+        and commit keeps the watermark where it was and frees the lease.
+
+        Returns the contract report's counts (the task's XCom).
         """
         self._hold(run_id)
         run = self._opened(run_id)
-        contract = self.config.contract
-        if not contract.enabled:
-            self.state.set_run_counts(run_id, self.dest.name, {"checked": 0})
-            self.state.update_run(run_id, self.dest.name, status=RUN_RUNNING)
-            log.info("data contract disabled (contract.enabled: false): nothing checked")
-            return {"destination": self.dest.name, "run_id": run_id, "enabled": False}
-        # Until the check finishes, stage refuses and commit keeps the watermark.
-        self.state.update_run(run_id, self.dest.name, status=RUN_CHECKING)
+        name = self.dest.name
+        # An earlier attempt of this step, or a run that died before its verdict, may have
+        # left held batches and ledger rows: never sendable, and this pass re-reads the rows.
+        self.state.discard_held(name, run_id if run["status"] == RUN_CHECKING else None)
+        self.state.update_run(run_id, name, status=RUN_CHECKING)
         source = self._source()
         window = self._window(run)
-        spec = quality.ContractSpec.from_config(self.config, self.dest)
-        aborted: str | None = None
-        with self.state.heartbeat(self.dest.name, run_id, self.config.state.lease_ttl):
-            # Importing great_expectations takes seconds: keep the lease alive meanwhile.
-            session = quality.ContractSession(spec, run_id, self.clock())
-            if session.check_columns(quality.source_columns(self.warehouse, source.query)):
-                aborted = self._check_rows(run_id, session, source, window,
-                                           run["watermark_before"])
-            report = session.finish(aborted=aborted)
-        counts = {"checked": report.rows, "quarantined": sum(report.quarantined.values()),
-                  **{f"quarantined.{rule}": n for rule, n in report.quarantined.items()}}
-        if report.outside_window_rows:
-            counts["checked_outside_window"] = report.outside_window_rows
-        if report.identifiers_dropped:
-            counts[IDENTIFIERS_DROPPED] = sum(report.identifiers_dropped.values())
-            counts.update({f"{IDENTIFIERS_DROPPED}.{k}": n
-                           for k, n in report.identifiers_dropped.items()})
-        self.state.set_run_counts(run_id, self.dest.name, counts,
-                                  replace_prefixes=("quarantined.", "checked_outside_window",
-                                                    IDENTIFIERS_DROPPED))
-        if not report.passed:
-            self.state.update_run(run_id, self.dest.name, status=RUN_CONTRACT_FAILED)
+        contract = self.config.contract
+        pass_ = _StagePass(self, run_id, self.clock(), run["watermark_before"])
+        report: quality.ContractReport | None = None
+        with self.state.heartbeat(name, run_id, self.config.state.lease_ttl):
+            if contract.enabled:
+                spec = quality.ContractSpec.from_config(self.config, self.dest)
+                columns = quality.source_columns(self.warehouse, source.query)
+                lazy = _Contract(spec, run_id, self.clock(), columns, pass_)
+                aborted: str | None = None
+                if lazy.columns_ok:
+                    aborted = self._read_window(pass_, lazy, source, window,
+                                                run["watermark_before"])
+                with pass_.timer("verdict"):  # the last batch, the breaker, the Data Docs
+                    report = lazy.finish(aborted)
+            else:
+                source.check_columns()
+                self._read_window(pass_, None, source, window, run["watermark_before"])
+            if report is None or report.passed:
+                pass_.close()  # the last rows decided, the last batch written (held)
+        counts = pass_.counts
+        if report is not None:
+            counts["checked"] = report.rows
+            counts["quarantined"] += sum(report.quarantined.values())
+            for rule, n in report.quarantined.items():
+                counts[f"quarantined.{rule}"] += n
+            if report.outside_window_rows:
+                counts["checked_outside_window"] = report.outside_window_rows
+            if report.identifiers_dropped:
+                counts[IDENTIFIERS_DROPPED] = sum(report.identifiers_dropped.values())
+                counts.update({f"{IDENTIFIERS_DROPPED}.{k}": n
+                               for k, n in report.identifiers_dropped.items()})
+        else:
+            counts["checked"] = 0
+        self.state.set_run_counts(run_id, name, counts, replace_prefixes=_PASS_COUNTERS)
+        if report is not None and not report.passed:
+            self.state.discard_held(name, run_id, status=RUN_CONTRACT_FAILED)
             log.error("%s", report.describe())
             raise quality.ContractViolation(report)
-        self.state.update_run(run_id, self.dest.name, status=RUN_RUNNING)
+        crash_point("after_stage")
+        resolved = pass_.resolve_quarantine()
+        with pass_.timer("state"):
+            self.state.release_held(name, run_id, window_max=pass_.last,
+                                    counts={"quarantine_resolved": resolved} if resolved
+                                    else None)
+            if counts["batches"]:
+                self.state.analyze()  # the ledger grew: keep the planner's statistics current
+        log.info("read %s once: %s; phases (s): %s", name, dict(counts),
+                 {k: round(v, 3) for k, v in pass_.seconds.items()})
+        if report is None:
+            log.info("data contract disabled (contract.enabled: false): nothing checked")
+            return {"destination": name, "run_id": run_id, "enabled": False}
         log.info("%s", report.describe())
         if report.data_docs:
             log.info("Data Docs of this check: %s", report.data_docs)
         return report.as_dict()
 
-    def _check_rows(self, run_id: str, session: quality.ContractSession, source: Source,
-                    window: Window, run_watermark: Cursor | None) -> str | None:
-        """Streams the window through the session, quarantining as it goes; returns why it
-        stopped early, if it did."""
-        spec = session.spec
-        duplicated = quality.window_key_counts(source, window, spec.max_quarantined_rows)
-        if len(duplicated) > spec.max_quarantined_rows:
-            return (f"more than {spec.max_quarantined_rows} (lead_id, stage) keys occur more "
-                    "than once in the window: the source query probably fans out (a join)")
-
-        def same_key_rows(row: Mapping[str, Any]) -> int:
-            return duplicated.get(quality.duplicate_key(row.get("lead_id"), row.get("stage")), 1)
-
-        def quarantine(failures: list[quality.Failure]) -> None:
-            if failures:
-                self.state.quarantine_rows(self.dest.name, run_id,
-                                           [f.record() for f in failures])
+    def _read_window(self, pass_: _StagePass, contract: _Contract | None, source: Source,
+                     window: Window, run_watermark: Cursor | None) -> str | None:
+        """Streams the window once through the settled-row lookup, the contract and the
+        planner; returns why it stopped early, if it did."""
+        same_key_rows: Callable[[Mapping[str, Any]], int] | None = None
+        if contract is not None:
+            spec = contract.spec
+            with pass_.timer("check"):
+                duplicated = quality.window_key_counts(source, window, spec.max_quarantined_rows)
+            if len(duplicated) > spec.max_quarantined_rows:
+                return (f"more than {spec.max_quarantined_rows} (lead_id, stage) keys occur "
+                        "more than once in the window: the source query probably fans out "
+                        "(a join)")
+            if duplicated:
+                def same_key_rows(row: Mapping[str, Any]) -> int:
+                    return duplicated.get(
+                        quality.duplicate_key(row.get("lead_id"), row.get("stage")), 1)
 
         watermark = run_watermark
 
@@ -393,152 +742,59 @@ class Pipeline:
 
         stream = source.stream(window)
         try:
-            for chunk in stream:
-                quarantine(session.add(chunk, same_key_rows if duplicated else None,
-                                       is_new=is_new))
-                if session.over_limit:
-                    return "stopped reading the window"
+            while True:
+                with pass_.timer("read"):
+                    chunk = next(stream, None)
+                if chunk is None:
+                    break
+                fresh = pass_.take(chunk)
+                if contract is None:
+                    pass_.decide(pass_.position)
+                elif fresh:
+                    session = contract.open()
+                    with pass_.timer("check"):
+                        failures = session.add(fresh, same_key_rows, is_new=is_new)
+                    pass_.verdicts(failures, session.validated)
+                    if session.over_limit:
+                        return "stopped reading the window"
+                crash_point("after_stage_chunk")
         finally:
             close = getattr(stream, "close", None)  # a generator holding a DB cursor
             if close is not None:
                 close()
-        quarantine(session.flush())
-        if self.config.contract.scan_null_cursor and not session.over_limit:
-            outside = quality.null_cursor_rows(source, spec.max_quarantined_rows + 1)
-            quarantine(session.add(outside, outside_window=True) + session.flush())
+        if contract is None:
+            return None
+        if contract.session is not None:
+            with pass_.timer("check"):
+                failures = contract.session.flush()
+            pass_.verdicts(failures, pass_.position)
+        if self.config.contract.scan_null_cursor:
+            with pass_.timer("check"):
+                outside = quality.null_cursor_rows(source, spec.max_quarantined_rows + 1)
+                if outside:
+                    session = contract.open()
+                    pass_.quarantine_failures(session.add(outside, outside_window=True)
+                                              + session.flush())
         return None
 
     def stage(self, run_id: str) -> dict[str, Any]:
-        """Reads the window, applies eligibility, writes outbox batches.
+        """The batches to push: every pending batch of the destination (older runs' first),
+        and the counts of this run's pass.
 
-        Rows the contract check of this run quarantined are skipped by key (no second
-        validation); the rest pass a guard (:func:`leadsync.quality.check_row`) for rows that
-        were committed after the check. Returns the ids of every pending batch of the
-        destination (older runs' first) and the counts. Identifiers are hashed in memory; only
-        hashed payloads reach the outbox.
+        Staging itself happens in :meth:`check`, in the same pass over the window as the
+        contract; this step refuses a run whose check has not passed.
         """
         self._hold(run_id)
         run = self._opened(run_id)
         if run["status"] in (RUN_CHECKING, RUN_CONTRACT_FAILED):
             raise RuntimeError(f"run {run_id} of {self.dest.name}: the data contract check has "
                                "not passed (see check_contract); nothing is staged")
-        source = self._source()
-        source.check_columns()
-        window = self._window(run)
-        checked_out = self.state.quarantine_keys_for_run(self.dest.name, run_id)
-        now = self.clock()
-        size = min(self.dest.batch_size or self.module.LIMITS.max_batch_events,
-                   self.module.LIMITS.max_batch_events)
-        counts: Counter[str] = Counter()
-        open_quarantine = self.state.open_quarantine_keys(self.dest.name)
-        buf = _Buffer()
-        seq = 0
-        prev_row: Cursor | None = None
-        last: Cursor | None = None
-
-        def flush() -> None:
-            nonlocal seq
-            if not buf.envelopes:
-                return
-            seq += 1
-            batch_id = uuid.uuid4().hex
-            records = [
-                LedgerRecord(r.event_id, r.lead_id, r.stage, r.event_name, PENDING, r.source_ts,
-                             r.event_time, batch_id=batch_id)
-                for r in buf.records
-            ]
-            self.state.stage_batch(self.dest.name, run_id, batch_id, seq, buf.envelopes,
-                                   records, buf.prev)
-            counts["staged"] += len(buf.envelopes)
-            counts["batches"] += 1
-            buf.envelopes, buf.records, buf.ids, buf.prev = [], [], set(), None
-            if seq % 50 == 0:
-                self.state.analyze()  # a backfill outgrows the planner's statistics
-            crash_point("after_stage_batch")
-
-        planner = Planner(self.dest, self.module, now)
-        with self.state.heartbeat(self.dest.name, run_id, self.config.state.lease_ttl):
-            for chunk in source.stream(window):
-                plans: list[tuple[dict[str, Any], Cursor | None, Planned | Rejected]] = []
-                for row in chunk:
-                    if checked_out and quality.quarantine_key(row) in checked_out:
-                        plans.append((row, prev_row, _CHECKED_OUT))
-                    else:
-                        plans.append((row, prev_row, planner.plan(row)))
-                    prev_row = row["_cursor"]
-                counts["read"] += len(chunk)
-                last = prev_row
-                ids = [p.event_id for _, _, p in plans if p.event_id]
-                known = self.state.ledger_lookup(self.dest.name, ids)
-                terminal: list[LedgerRecord] = []
-                quarantined: list[QuarantineRecord] = []
-                passed: list[tuple[str, str]] = []
-                for row, prev, plan in plans:
-                    cursor: Cursor = row["_cursor"]
-                    key = (str(row.get("lead_id")), str(row.get("stage")))
-                    if plan is _CHECKED_OUT:
-                        continue  # quarantined and counted by this run's check
-                    qkey = quality.quarantine_key(row)
-                    if isinstance(plan, Rejected) and plan.status == "quarantined":
-                        quarantined.append(QuarantineRecord(qkey[0], qkey[1], plan.reason,
-                                                            plan.detail, cursor.ts))
-                        counts["quarantined"] += 1
-                        counts[f"quarantined.{plan.reason}"] += 1
-                        continue
-                    if qkey in open_quarantine:
-                        passed.append(qkey)
-                    if isinstance(plan, Rejected) and plan.event_id is None:
-                        counts["skipped"] += 1
-                        counts[f"skipped.{plan.reason}"] += 1
-                        continue
-                    event_id = plan.event_id
-                    assert event_id is not None
-                    entry = known.get(event_id)
-                    if event_id in buf.ids or (entry and entry.status == PENDING):
-                        counts["in_flight"] += 1
-                        continue
-                    if entry and entry.status in (DELIVERED, FAILED):
-                        counts[f"already_{entry.status}"] += 1
-                        continue
-                    if entry and entry.status in REEVALUATE and cursor.ts <= entry.source_ts:
-                        counts["unchanged"] += 1
-                        continue
-                    if isinstance(plan, Rejected):
-                        terminal.append(LedgerRecord(
-                            event_id, key[0][:128], key[1][:64], plan.event_name, plan.status,
-                            cursor.ts, plan.event_time, reason=plan.reason))
-                        bucket = "expired" if plan.status == EXPIRED else "skipped"
-                        counts[bucket] += 1
-                        counts[f"{bucket}.{plan.reason}"] += 1
-                        continue
-                    if not buf.envelopes:
-                        buf.prev = prev
-                    buf.envelopes.append(plan.stored_envelope())
-                    buf.ids.add(event_id)
-                    buf.records.append(LedgerRecord(
-                        event_id, key[0][:128], key[1][:64], plan.event_name, PENDING, cursor.ts,
-                        plan.event_time))
-                    if len(buf.envelopes) >= size:
-                        flush()
-                if terminal:
-                    self.state.record_terminal(self.dest.name, run_id, terminal)
-                if quarantined:
-                    self.state.quarantine_rows(self.dest.name, run_id, quarantined)
-                if passed:
-                    counts["quarantine_resolved"] += self.state.resolve_quarantine(
-                        self.dest.name, passed)
-                crash_point("after_stage_chunk")
-            flush()
-        crash_point("after_stage")
-        if counts["batches"]:
-            self.state.analyze()
-        self.state.update_run(run_id, self.dest.name, counts=counts, window_max=last)
         batch_ids = self.state.pending_batch_ids(self.dest.name)
+        counts = {k: v for k, v in run["counts"].items() if k.startswith(_PASS_COUNTERS)}
         # The identifiers this run's events go without (counted by the check, which judged
         # them with the same normalisation): reported here too, not added to the run twice.
         dropped = {k: v for k, v in run["counts"].items() if k.startswith(IDENTIFIERS_DROPPED)}
-        log.info("staged %s: %s; %d batch(es) to push", self.dest.name, dict(counts),
-                 len(batch_ids))
+        log.info("staged %s: %s; %d batch(es) to push", self.dest.name, counts, len(batch_ids))
         if dropped:
             log.warning("staged %s without unusable identifiers (the rows are sent on their "
                         "other match keys): %s", self.dest.name, dropped)
@@ -661,7 +917,9 @@ class Pipeline:
 
     def _close_unchecked(self, run_id: str, run: Mapping[str, Any]) -> dict[str, Any]:
         status = RUN_CONTRACT_FAILED if run["status"] == RUN_CONTRACT_FAILED else RUN_CHECK_FAILED
-        self.state.update_run(run_id, self.dest.name, status=status)
+        # A check that never reached its verdict may have left held batches: they go, with
+        # the ledger rows of this run, in the transaction that closes it.
+        self.state.discard_held(self.dest.name, run_id, status=status)
         self.state.release_lease(self.dest.name, run_id)
         watermark = self.state.get_watermark(self.dest.name)
         mark = watermark.as_dict() if watermark else None
@@ -703,5 +961,6 @@ class Pipeline:
         return summary
 
 
-__all__ = ["DELIVERED", "FAILED", "Pipeline", "Planned", "Planner", "Rejected", "plan_row",
-           "render_requests", "row_event_id"]
+__all__ = ["DELIVERED", "DROP", "FAILED", "QUARANTINE", "STAGE", "TERMINAL", "Decision",
+           "Pipeline", "Planned", "Planner", "Rejected", "batch_size", "decide", "plan_row",
+           "render_requests", "row_event_id", "settled"]

@@ -534,21 +534,21 @@ class _Projection:
     """
 
     def __init__(self, spec: ContractSpec, now: datetime) -> None:
-        from leadsync.identity import is_usable
+        from leadsync.identity import usability_judge
 
         self.now_ts = now.timestamp()
         self.groups = spec.match_key_groups
-        self.is_usable = is_usable
         # Identifiers judged for every row (warnings), and the match-key columns whose value
         # must pass the destination's normalisation (judged only while looking for a key).
-        self.judged = [rule for _, rule in spec.judged_identifiers]
-        self.key_rules = {rule.column: rule for rule in spec.identifier_rules
-                          if any(rule.column in group for group in self.groups)}
+        self.judged = [(rule.column, usability_judge(rule))
+                       for _, rule in spec.judged_identifiers]
+        self.key_judges = {rule.column: usability_judge(rule) for rule in spec.identifier_rules
+                           if any(rule.column in group for group in self.groups)}
         self.ids: list[tuple[Any, Any]] = []  # raw (lead_id, stage): keys of failing rows
         self.cursors: list[datetime | None] = []
         self.positions: list[int] = []
         self.new: list[bool] = []
-        self.verdict_columns = [_verdict_column(rule.column) for rule in self.judged]
+        self.verdict_columns = [_verdict_column(column) for column, _ in self.judged]
         self.cols: dict[str, list[Any]] = {
             c: [] for c in (*_OBJECT_COLUMNS, *self.verdict_columns, *_FLOAT_COLUMNS,
                             *_INT_COLUMNS)}
@@ -603,10 +603,9 @@ class _Projection:
             str(cur).strip().upper() if cur is not None else "(none)" if n == n else None
             for cur, n in zip(currencies, numbers, strict=True))
         judged: dict[str, list[bool | None]] = {}
-        is_usable = self.is_usable
-        for rule, name in zip(self.judged, self.verdict_columns, strict=True):
-            verdicts = [is_usable(rule, r) for r in rows]
-            judged[rule.column] = verdicts
+        for (column, judge), name in zip(self.judged, self.verdict_columns, strict=True):
+            verdicts = [judge(r) for r in rows]
+            judged[column] = verdicts
             c[name].extend(_VERDICT[v] for v in verdicts)
         c["match_keys_present"].extend(self._has_match_key(r, i, judged)
                                        for i, r in enumerate(rows))
@@ -614,18 +613,17 @@ class _Projection:
     def _has_match_key(self, row: Mapping[str, Any], i: int,
                        judged: Mapping[str, Sequence[bool | None]]) -> int:
         get = row.get
-        key_rules = self.key_rules
+        key_judges = self.key_judges
         for group in self.groups:
             for column in group:
-                rule = key_rules.get(column)
-                if rule is None:  # sent as it is (click ids, IP): present is enough
+                judge = key_judges.get(column)
+                if judge is None:  # sent as it is (click ids, IP): present is enough
                     v = get(column)
                     if v is None or (v.__class__ is str and not v.strip()):
                         break
                     continue
                 verdicts = judged.get(column)
-                usable = verdicts[i] if verdicts is not None else self.is_usable(rule, row)
-                if not usable:
+                if not (verdicts[i] if verdicts is not None else judge(row)):
                     break
             else:
                 return 1
@@ -1071,6 +1069,12 @@ class ContractSession:
             report.new_failing_rows += sum(1 for i, f in enumerate(first)
                                            if f is not None and batch.new[i])
         return failures
+
+    @property
+    def validated(self) -> int:
+        """How many of the rows given so far have been validated (their failures returned):
+        the rows before this position have their verdict."""
+        return self._position - len(self._batch)
 
     @property
     def over_limit(self) -> bool:

@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import select, text
 
 from leadsync import quality
-from leadsync.pipeline import Pipeline, Planned, Planner, Rejected
+from leadsync.pipeline import Pipeline, Planned, Planner, Rejected, batch_size
 from leadsync.source import to_utc
 from leadsync.state import FAILED, PENDING, Cursor, LedgerRecord, ledger
 
@@ -247,8 +247,7 @@ class Reprocessor:
         pipeline = self.pipeline
         module = pipeline.module
         now = pipeline.clock()
-        size = min(self.dest.batch_size or module.LIMITS.max_batch_events,
-                   module.LIMITS.max_batch_events)
+        size = batch_size(self.dest, module)
         envelopes: list[dict[str, Any]] = []
         records: list[LedgerRecord] = []
         seen: set[str] = set()

@@ -275,20 +275,23 @@ def test_worker_killed_mid_push_loses_nothing_and_the_next_run_completes(live: L
     demo_data.add_changes(make_engine(live.warehouse_url), 200,
                           datetime.now(UTC) - timedelta(seconds=6))
     before = live.sandbox("stats")["meta"]
-    # The first push request is stored by the platform, then its answer hangs: the worker is
-    # killed in the worst place, after the send and before the outcome is recorded.
+    # The next four push requests (one per worker slot: every push running at once) are
+    # stored by the platform, then their answers hang for 30 s: a worker is killed in the worst
+    # place, after the send and before the outcome is recorded. Mapped push tasks or push
+    # lanes alike, every push running on that worker is caught there.
     requests.post(f"{live.cluster.sandbox_url()}/_sandbox/faults", timeout=5, json={
         "platform": "meta",
-        "faults": [{"kind": "timeout_after_processing", "delay_s": 120, "times": 1}],
+        "faults": [{"kind": "timeout_after_processing", "delay_s": 30, "times": 4}],
     }).raise_for_status()
     killed_run = live.trigger()
 
     def stuck_push() -> dict[str, Any] | None:
-        if live.sandbox("stats")["meta"]["events_received"] <= before["events_received"]:
-            return None
-        return next((t for t in live.tasks(killed_run)
-                     if t["task_id"].startswith("push") and t["state"] == "running"
-                     and t["hostname"] in ("worker1", "worker2")), None)
+        running = [t for t in live.tasks(killed_run)
+                   if t["task_id"].startswith("push") and t["state"] == "running"
+                   and t["hostname"] in ("worker1", "worker2")]
+        sent = live.sandbox("stats")["meta"]["requests"] - before["requests"]
+        # Every running push has sent its (hanging) request.
+        return running[0] if running and sent >= len(running) else None
 
     victim = live.wait("a push stuck on the platform's answer", stuck_push, timeout=180)
     assert live.cluster.kill_worker(victim["hostname"])

@@ -126,6 +126,9 @@ def test_bad_rows_are_quarantined_the_rest_sent_and_a_fixed_row_follows(
     counts = _run_counts(backend, dr.run_id)["counts"]
     assert counts["identifiers_dropped.email.bad_email"] == \
         report["identifiers_dropped"]["email.bad_email"]
+    staged = _xcom(home, dr.run_id, "stage_events")["counts"]
+    assert staged["identifiers_dropped.email.bad_email"] == \
+        report["identifiers_dropped"]["email.bad_email"]
     assert counts["checked"] == counts["read"] == seeded
     accounted = sum(counts.get(k, 0) for k in ("delivered", "skipped", "expired",
                                                "quarantined"))

@@ -40,6 +40,7 @@ from leadsync.identity import (
     normalize_state,
     normalize_zip,
     sha256_hex,
+    usability_judge,
     value_rule,
 )
 
@@ -834,6 +835,8 @@ def test_is_usable_agrees_with_hash_identifiers(row: dict[str, Any]) -> None:
         for rule in rules.rules:
             verdict = is_usable(rule, row)
             assert (verdict is True) == (rule.key in out), (rule.key, row.get(rule.column))
+            judge = usability_judge(rule)
+            assert judge(row) is verdict and judge(row) is verdict  # memo miss, then hit
             raw = row.get(rule.column)
             if raw is None or (isinstance(raw, str) and not raw.strip()):
                 assert verdict is None

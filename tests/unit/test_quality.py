@@ -656,7 +656,9 @@ def test_a_bad_identifier_is_dropped_and_counted_the_row_sent_on_its_other_keys(
     assert counts["identifiers_dropped"] == 2 and counts["identifiers_dropped.email.bad_email"] == 2
     assert counts["quarantined.no_match_keys"] == 1
     staged = pipeline.stage("r1")
-    assert staged["counts"]["staged"] == 2
+    # The check stages in the same pass; its retry finds the two events already in an outbox
+    # batch (in flight), so together they count each sent row once.
+    assert staged["counts"].get("staged", 0) + staged["counts"].get("in_flight", 0) == 2
     assert staged["counts"]["identifiers_dropped.email.bad_email"] == 2
     users = {}
     for batch_id in staged["batch_ids"]:

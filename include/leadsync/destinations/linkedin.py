@@ -78,6 +78,12 @@ CONVERSION_URN_PREFIX = "urn:lla:llaPartnerConversion:"
 LIMITS = Limits(max_batch_events=5000, max_event_age=timedelta(days=90),
                 dedup_window=timedelta(hours=24))
 MAX_EVENT_ID_LENGTH = 64  # UNVERIFIED (Salesforce's connector docs)
+EVENT_TIME_UNIT = "ms"  # conversionHappenedAt: epoch milliseconds
+DEDUP_KEY = "eventId"  # shared with the Insight Tag's event id, per conversion rule
+ERROR_MODEL = "whole_request"  # one bad element fails the batch; 400/422 name the elements
+RETRY_HINT = "Retry-After"  # honoured on 429/5xx when sent (UNVERIFIED that LinkedIn sends it)
+RATE_LIMIT_PER_MINUTE = 600  # UNVERIFIED (Salesforce's connector docs); 429 when exceeded
+RATE_LIMIT_PER_DAY = 300_000  # UNVERIFIED (same source)
 # build_request puts the events in the body as they are: push hands it the events' stored
 # JSON (msgspec.Raw) instead of decoding the outbox and encoding it again.
 RAW_EVENT_BODIES = True

@@ -91,6 +91,11 @@ DEFAULT_BASE_URL = "https://tr.snapchat.com"
 # 2,000 events per request (RudderStack MAX_BATCH_SIZE; the published CAPI schema's maxItems).
 LIMITS = Limits(max_batch_events=2000, max_event_age=timedelta(days=37),
                 dedup_window=timedelta(hours=48))
+EVENT_TIME_UNIT = "s"  # event_time: Unix seconds (Snap's examples)
+DEDUP_KEY = "event_id"  # matched with the Snap Pixel's client_dedup_id, per pixel
+ERROR_MODEL = "whole_request"  # INVALID names one event ("event": <index>); UNVERIFIED
+RETRY_HINT = "Retry-After"  # honoured on 429/5xx when sent (UNVERIFIED: none documented)
+RATE_LIMIT_PER_MINUTE: int | None = None  # UNVERIFIED: Snap documents no rate limit
 # build_request puts the events in the body as they are: push hands it the events' stored
 # JSON (msgspec.Raw) instead of decoding the outbox and encoding it again.
 RAW_EVENT_BODIES = True

@@ -22,6 +22,7 @@ from leadsync.state.leases import LeasePart
 from leadsync.state.ledger import LedgerPart
 from leadsync.state.model import (
     BATCH_DONE,
+    BATCH_HELD,
     BATCH_PENDING,
     DELIVERED,
     EXPIRED,
@@ -62,9 +63,9 @@ from leadsync.state.schema import (
 )
 
 __all__ = [
-    "BATCH_DONE", "BATCH_PENDING", "DELIVERED", "EXPIRED", "FAILED", "MIGRATIONS", "PENDING",
-    "REEVALUATE", "REQUEST_SENT", "SCHEMA_VERSION", "SKIPPED", "TERMINAL", "Batch", "Cursor",
-    "EventOutcome", "LeaseBusyError", "LedgerEntry", "LedgerRecord", "QuarantineRecord",
+    "BATCH_DONE", "BATCH_HELD", "BATCH_PENDING", "DELIVERED", "EXPIRED", "FAILED", "MIGRATIONS",
+    "PENDING", "REEVALUATE", "REQUEST_SENT", "SCHEMA_VERSION", "SKIPPED", "TERMINAL", "Batch",
+    "Cursor", "EventOutcome", "LeaseBusyError", "LedgerEntry", "LedgerRecord", "QuarantineRecord",
     "StateStore", "UTCDateTime", "json_lead_id", "leases", "ledger", "metadata", "outbox",
     "platform_requests", "quarantine", "runs", "schema_version", "utcnow", "watermarks",
 ]

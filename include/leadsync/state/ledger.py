@@ -7,11 +7,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
 from leadsync.state.model import (
+    BATCH_HELD,
     BATCH_PENDING,
+    DELIVERED,
+    FAILED,
     Batch,
     Cursor,
     LedgerEntry,
@@ -21,6 +24,7 @@ from leadsync.state.model import (
     _cursor_json,
     utcnow,
 )
+from leadsync.state.runs import _update_run
 from leadsync.state.schema import ledger, outbox
 
 
@@ -71,13 +75,23 @@ class LedgerPart(StorePart):
         return found
 
     def _upsert_ledger(
-        self, conn: Connection, destination: str, records: Sequence[LedgerRecord], run_id: str
+        self, conn: Connection, destination: str, records: Sequence[LedgerRecord], run_id: str,
+        existing: set[str] | None = None,
     ) -> None:
+        """Inserts new events and updates known ones, each as one set operation.
+
+        ``existing``: the ids among ``records`` the ledger already holds, when the caller
+        looked them up in this run and nothing else writes them meanwhile (the lease):
+        saves looking them up again.
+        """
         if not records:
             return
         now = utcnow()
         ids = [r.event_id for r in records]
-        existing: set[str] = set()
+        if existing is not None:
+            ids = []
+        else:
+            existing = set()
         for start in range(0, len(ids), 900):
             existing.update(
                 conn.execute(
@@ -113,21 +127,32 @@ class LedgerPart(StorePart):
                     for r in fresh
                 ],
             )
-        for r in again:
+        if again:
+            # One statement, many parameter sets (executemany): a set operation, not a
+            # round trip per event.
             conn.execute(
                 update(ledger)
-                .where(ledger.c.destination == destination, ledger.c.event_id == r.event_id)
+                .where(ledger.c.destination == bindparam("b_destination"),
+                       ledger.c.event_id == bindparam("b_event_id"))
                 .values(
-                    status=r.status,
-                    reason=r.reason,
-                    detail=r.detail,
-                    batch_id=r.batch_id,
-                    event_name=r.event_name,
-                    source_ts=r.source_ts,
-                    event_time=r.event_time,
-                    run_id=run_id,
-                    updated_at=now,
-                )
+                    status=bindparam("b_status"),
+                    reason=bindparam("b_reason"),
+                    detail=bindparam("b_detail"),
+                    batch_id=bindparam("b_batch_id"),
+                    event_name=bindparam("b_event_name"),
+                    source_ts=bindparam("b_source_ts", type_=ledger.c.source_ts.type),
+                    event_time=bindparam("b_event_time", type_=ledger.c.event_time.type),
+                    run_id=bindparam("b_run_id"),
+                    updated_at=bindparam("b_updated_at", type_=ledger.c.updated_at.type),
+                ),
+                [
+                    {"b_destination": destination, "b_event_id": r.event_id,
+                     "b_status": r.status, "b_reason": r.reason, "b_detail": r.detail,
+                     "b_batch_id": r.batch_id, "b_event_name": r.event_name,
+                     "b_source_ts": r.source_ts, "b_event_time": r.event_time,
+                     "b_run_id": run_id, "b_updated_at": now}
+                    for r in again
+                ],
             )
 
     def record_terminal(
@@ -148,8 +173,16 @@ class LedgerPart(StorePart):
         events: list[dict[str, Any]],
         records: Sequence[LedgerRecord],
         prev_cursor: Cursor | None,
+        *,
+        status: str = BATCH_PENDING,
+        existing: set[str] | None = None,
     ) -> None:
-        """Writes one outbox batch and its pending ledger rows in one transaction."""
+        """Writes one outbox batch and its pending ledger rows in one transaction.
+
+        ``status`` :data:`BATCH_HELD` stages a batch that push does not see until
+        :meth:`release_held` (a run whose data contract is still being checked).
+        ``existing``: see :meth:`_upsert_ledger`.
+        """
         now = utcnow()
         with self.engine.begin() as conn:
             conn.execute(
@@ -158,7 +191,7 @@ class LedgerPart(StorePart):
                     destination=destination,
                     run_id=run_id,
                     seq=seq,
-                    status=BATCH_PENDING,
+                    status=status,
                     n_events=len(events),
                     payload=_encode_events(events),
                     prev_cursor=_cursor_json(prev_cursor),
@@ -167,7 +200,56 @@ class LedgerPart(StorePart):
                     updated_at=now,
                 )
             )
-            self._upsert_ledger(conn, destination, records, run_id)
+            self._upsert_ledger(conn, destination, records, run_id, existing)
+
+    def release_held(self, destination: str, run_id: str, *,
+                     window_max: Cursor | None = None,
+                     counts: Mapping[str, int] | None = None) -> int:
+        """The run's contract passed: its held batches become pending, and the run running,
+        in one transaction. Returns how many batches were released."""
+        with self.engine.begin() as conn:
+            released = conn.execute(
+                update(outbox)
+                .where(outbox.c.destination == destination, outbox.c.run_id == run_id,
+                       outbox.c.status == BATCH_HELD)
+                .values(status=BATCH_PENDING, updated_at=utcnow())
+            ).rowcount
+            _update_run(conn, run_id, destination, counts, window_max, status="running")
+            return int(released or 0)
+
+    def discard_held(self, destination: str, run_id: str | None = None, *,
+                     status: str | None = None) -> int:
+        """Forgets what runs whose contract never passed staged, in one transaction.
+
+        Deletes the destination's held batches (of ``run_id``, and of any run that died
+        before its verdict) and the ledger rows those runs wrote that were never sent (all
+        but delivered and failed ones: the next run plans their rows again). With ``status``,
+        the run ``run_id`` is marked so in the same transaction. Returns the batches deleted.
+        """
+        with self.engine.begin() as conn:
+            owners = set(conn.execute(
+                select(outbox.c.run_id).distinct()
+                .where(outbox.c.destination == destination, outbox.c.status == BATCH_HELD)
+            ).scalars())
+            if run_id is not None:
+                owners.add(run_id)
+            owners.discard(None)
+            deleted = 0
+            if owners:
+                conn.execute(
+                    delete(ledger).where(
+                        ledger.c.destination == destination,
+                        ledger.c.run_id.in_(sorted(owners)),
+                        ledger.c.status.not_in((DELIVERED, FAILED)),
+                    )
+                )
+                deleted = conn.execute(
+                    delete(outbox).where(outbox.c.destination == destination,
+                                         outbox.c.status == BATCH_HELD)
+                ).rowcount
+            if status is not None and run_id is not None:
+                _update_run(conn, run_id, destination, None, status=status)
+            return int(deleted or 0)
 
     def pending_batch_ids(self, destination: str) -> list[str]:
         """Batches still to send, oldest first (earlier runs' leftovers before new work)."""

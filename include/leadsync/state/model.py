@@ -26,6 +26,9 @@ REEVALUATE = frozenset({EXPIRED, SKIPPED})
 
 BATCH_PENDING = "pending"
 BATCH_DONE = "done"
+# Staged by a run whose data contract has not passed yet: never pushed. Released (pending)
+# when the whole window passed, discarded when the breaker trips or the run died before.
+BATCH_HELD = "held"
 
 
 @dataclass(frozen=True, order=True)

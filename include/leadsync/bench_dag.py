@@ -1,0 +1,420 @@
+"""Benchmark (d): whole runs of the real DAG, ``airflow dags test leadsync_meta``.
+
+Each case starts from fresh state: a new work directory with its own Airflow home (SQLite
+metadata), LEADSYNC_HOME and config (the Meta destination only, CRM shape), a warehouse table
+loaded with ``demo_data.generate_rows_fast`` (every identifier the source contract has; six
+days of ``updated_at``), and an empty state store (SQLite files, or one scratch Postgres
+database holding warehouse and state). The platform is a lean loopback sink in this process
+that only parses each request's JSON and counts events (not the strict sandbox, whose own
+validation is not leadsync's cost). ``airflow dags test`` runs as a child process: its wall
+time and peak RSS (``wait4``) are the figures.
+
+Beside each case: Airflow's fixed cost, ``airflow dags test`` of a trivial two-task DAG in the
+same Airflow home, measured in the same bench run; and the no-op run, the DAG run again with
+nothing new (the lookback re-reads the last two hours of rows, which the ledger settled).
+
+Phases: read, check, plan and state (lookups and writes) are what ``check_contract`` logs for
+its one pass over the window; push is the sum of the push tasks' durations, HTTP the sink's
+own time answering them; Airflow is the wall time no task accounts for.
+
+Correctness every time: events the sink received once == ledger delivered == eligible rows
+counted in SQL; no event received twice; nothing pending or failed.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PIXEL = "1234567890123456"
+TOKEN = "bench-token"  # noqa: S105 - a loopback stand-in's token, not a secret
+TARGETS = {("sqlite", 200_000): 30.0, ("sqlite", 1_000_000): 90.0,
+           ("postgres", 1_000_000): 90.0}
+RSS_TARGET_MB = 400
+NOOP_TARGET_S = 3.0
+
+_TRIVIAL_DAG = '''
+"""Airflow's fixed cost: two tasks that do nothing."""
+import pendulum
+from airflow.sdk import DAG, task
+
+with DAG(dag_id="trivial", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")):
+    @task
+    def first() -> int:
+        return 1
+
+    @task
+    def second(x: int) -> int:
+        return x
+
+    second(first())
+'''
+
+
+class _Sink:
+    """A lean Meta stand-in on loopback: parses each request's JSON and counts its events."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.events = 0
+        self.ids: set[str] = set()
+        self.duplicates = 0
+        self.busy_s = 0.0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                started = time.perf_counter()
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                data = json.loads(body).get("data") or []
+                ids = [e.get("event_id") for e in data]
+                with sink.lock:
+                    sink.requests += 1
+                    sink.events += len(data)
+                    before = len(sink.ids)
+                    sink.ids.update(ids)
+                    sink.duplicates += len(ids) - (len(sink.ids) - before)
+                answer = json.dumps({"events_received": len(data), "messages": [],
+                                     "fbtrace_id": "bench"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+                with sink.lock:
+                    sink.busy_s += time.perf_counter() - started
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _Sink:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def reset_counters(self) -> None:
+        with self.lock:
+            self.requests = self.events = self.duplicates = 0
+            self.busy_s = 0.0
+
+
+@dataclass
+class DagRun:
+    """One ``airflow dags test`` process."""
+
+    wall_s: float
+    peak_rss_mb: float
+    ok: bool
+    tasks: dict[str, float] = field(default_factory=dict)  # task id → seconds (summed)
+    phases: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    log: str = ""
+
+
+@dataclass
+class DagCase:
+    """One case of (d): a backend and a row count, its runs and its checks."""
+
+    backend: str
+    rows: int
+    load_s: float = 0.0
+    fixed: DagRun | None = None
+    first: DagRun | None = None
+    noop: DagRun | None = None
+    sink_requests: int = 0
+    sink_events: int = 0
+    sink_busy_s: float = 0.0
+    expected: int = 0
+    delivered: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def correct(self) -> bool:
+        return not self.problems
+
+
+def _airflow_env(work: Path, dags: Path, warehouse_url: str, state_url: str,
+                 sink_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AIRFLOW_CONN_", "AIRFLOW__", "LEADSYNC_"))}
+    env.update({
+        "AIRFLOW_HOME": str(work / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(work / "no-plugins"),
+        "LEADSYNC_HOME": str(work / "home"),
+        "LEADSYNC_CONFIG": str(work / "leadsync.yaml"),
+        "AIRFLOW_CONN_LEADSYNC_WAREHOUSE": json.dumps(
+            {"conn_type": "generic", "extra": {"sqlalchemy_url": warehouse_url}}),
+        "AIRFLOW_CONN_LEADSYNC_STATE": json.dumps(
+            {"conn_type": "generic", "extra": {"sqlalchemy_url": state_url}}),
+        "AIRFLOW_CONN_LEADSYNC_META": json.dumps(
+            {"conn_type": "http", "host": sink_url, "password": TOKEN,
+             "extra": {"pixel_id": PIXEL, "api_version": "v25.0"}}),
+    })
+    return env
+
+
+def _config(work: Path) -> None:
+    from leadsync.config import DEFAULT_CONFIG_PATH
+
+    data = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    data["destinations"] = [d for d in data["destinations"] if d["name"] == "meta"]
+    data["destinations"][0]["enabled"] = True
+    (work / "leadsync.yaml").write_text(yaml.safe_dump(data))
+
+
+def _airflow(env: dict[str, str], *args: str, log: Path) -> DagRun:
+    """Runs one ``airflow`` command; wall time and peak RSS from ``wait4``."""
+    airflow = Path(sys.executable).with_name("airflow")
+    started = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(airflow), *args], env=env,  # noqa: S603 - our venv's CLI
+                                stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    text = log.read_text(errors="replace")
+    return DagRun(wall, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status) == 0,
+                  log=text)
+
+
+_PASS_LINE = re.compile(r"read (\S+) once: (\{.*?\}); phases \(s\): (\{.*?\})")
+
+
+def _fill(run: DagRun, airflow_db: Path, dag_id: str) -> None:
+    """Task durations (from Airflow's metadata) and the pass's phases (from the log)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(f"sqlite:///{airflow_db}")
+    try:
+        with engine.connect() as conn:
+            run_id = conn.execute(text(
+                "SELECT run_id FROM dag_run WHERE dag_id = :d ORDER BY id DESC LIMIT 1"),
+                {"d": dag_id}).scalar()
+            for task_id, seconds in conn.execute(text(
+                    "SELECT task_id, SUM(duration) FROM task_instance WHERE dag_id = :d "
+                    "AND run_id = :r GROUP BY task_id"), {"d": dag_id, "r": run_id}):
+                run.tasks[str(task_id)] = float(seconds or 0.0)
+    finally:
+        engine.dispose()
+    found = _PASS_LINE.search(run.log)
+    if found:
+        run.counts = {k: int(v) for k, v in ast.literal_eval(found.group(2)).items()}
+        run.phases = {k: float(v) for k, v in ast.literal_eval(found.group(3)).items()}
+
+
+@contextlib.contextmanager
+def _databases(backend: str, work: Path, pg_admin_url: str) -> Iterator[tuple[str, str]]:
+    if backend == "sqlite":
+        yield f"sqlite:///{work / 'warehouse.db'}", f"sqlite:///{work / 'state.db'}"
+        return
+    from leadsync.bench import _scratch_postgres
+
+    with _scratch_postgres(pg_admin_url) as url:
+        yield url, url  # the production layout: state in the warehouse database
+
+
+def run_case(backend: str, rows: int, pg_admin_url: str, sink: _Sink, *,
+             noop: bool = True) -> DagCase:
+    """One case of (d): load, fixed cost, the first run and (optionally) the no-op run."""
+    from sqlalchemy import text
+
+    from leadsync import demo_data
+    from leadsync.bench import _expected_eligible, _meta_destination
+    from leadsync.config import parse_config
+    from leadsync.db import make_engine
+    from leadsync.destinations import get_destination
+    from leadsync.state import StateStore
+
+    case = DagCase(backend, rows)
+    work = Path(tempfile.mkdtemp(prefix="leadsync-bench-dag-"))
+    try:
+        (work / "no-plugins").mkdir()
+        trivial = work / "trivial-dags"
+        trivial.mkdir()
+        (trivial / "trivial.py").write_text(_TRIVIAL_DAG)
+        _config(work)
+        with _databases(backend, work, pg_admin_url) as (warehouse_url, state_url):
+            engine = make_engine(warehouse_url)
+            demo_data.create_schema(engine)
+            started = time.perf_counter()
+            now = datetime.now(UTC)
+            demo_data._load(engine, demo_data.generate_rows_fast(rows, now, seed=rows), True)
+            with engine.begin() as conn:  # a warehouse has statistics on its tables
+                conn.execute(text(f"ANALYZE {demo_data.TABLE_NAME}"))
+            case.load_s = time.perf_counter() - started
+            config = parse_config(yaml.safe_load((work / "leadsync.yaml").read_text()))
+            dest = _meta_destination(config)
+            case.expected = _expected_eligible(engine, dest, get_destination(dest.type),
+                                               datetime.now(UTC))
+            engine.dispose()
+
+            env = _airflow_env(work, ROOT / "dags", warehouse_url, state_url, sink.url)
+            prep = _airflow(env, "db", "migrate", log=work / "migrate.log")
+            if not prep.ok:
+                raise RuntimeError("airflow db migrate failed:\n" + prep.log[-2000:])
+            _airflow(env, "pools", "set", dest.pool, "4", "bench", log=work / "pool.log")
+            trivial_env = {**env, "AIRFLOW__CORE__DAGS_FOLDER": str(trivial)}
+            case.fixed = _airflow(trivial_env, "dags", "test", "trivial",
+                                  log=work / "trivial.log")
+            _fill(case.fixed, work / "airflow" / "airflow.db", "trivial")
+
+            sink.reset_counters()
+            case.first = _airflow(env, "dags", "test", dest.dag_id, log=work / "first.log")
+            _fill(case.first, work / "airflow" / "airflow.db", dest.dag_id)
+            case.sink_requests, case.sink_events = sink.requests, sink.events
+            case.sink_busy_s = sink.busy_s
+            if noop:
+                case.noop = _airflow(env, "dags", "test", dest.dag_id, log=work / "noop.log")
+                _fill(case.noop, work / "airflow" / "airflow.db", dest.dag_id)
+            state = make_engine(state_url)
+            try:
+                summary = StateStore(state).summary([dest.name])[dest.name]
+            finally:
+                state.dispose()
+            case.delivered = int(summary.get("delivered", 0))
+            _check(case, summary, sink)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return case
+
+
+def _check(case: DagCase, summary: dict[str, Any], sink: _Sink) -> None:
+    for name, run in (("first run", case.first), ("no-op run", case.noop),
+                      ("trivial DAG", case.fixed)):
+        if run is not None and not run.ok:
+            case.problems.append(f"the {name} failed: " + " | ".join(
+                run.log.strip().splitlines()[-5:]))
+    if not case.expected:
+        case.problems.append("no eligible rows were loaded")
+    if not len(sink.ids) == case.delivered == case.expected:
+        case.problems.append(f"sink unique events {len(sink.ids):,}, ledger delivered "
+                             f"{case.delivered:,}, eligible rows {case.expected:,}: "
+                             "they must be equal")
+    if sink.duplicates:
+        case.problems.append(f"the sink received {sink.duplicates:,} events twice")
+    for status in ("pending", "failed"):
+        if summary.get(status):
+            case.problems.append(f"{summary[status]:,} events {status} in the ledger")
+
+
+def _contract_s(run: DagRun) -> float:
+    """The data contract's share of the pass: GX setup, validation, verdict and Data Docs."""
+    return sum(run.phases.get(k, 0.0) for k in ("gx_setup", "check", "verdict"))
+
+
+def _fmt_phases(run: DagRun, busy_s: float | None) -> str:
+    p = run.phases
+    push = sum(s for t, s in run.tasks.items() if t.startswith("push"))
+    tasks = sum(run.tasks.values())
+    parts = [f"read {p.get('read', 0):.1f}",
+             f"check {_contract_s(run):.1f} (GX import + setup {p.get('gx_setup', 0):.1f}, "
+             f"validation {p.get('check', 0):.1f}, verdict + Data Docs "
+             f"{p.get('verdict', 0):.1f})",
+             f"plan {p.get('plan', 0):.1f}", f"state {p.get('state', 0):.1f}",
+             f"push {push:.1f}"]
+    if busy_s is not None:
+        parts.append(f"(HTTP at the sink {busy_s:.1f})")
+    parts.append(f"Airflow {run.wall_s - tasks:.1f}")
+    return ", ".join(parts)
+
+
+def print_case(case: DagCase) -> None:
+    """The lines of one case of benchmark (d)."""
+    label = f"{case.rows:,} rows, {case.backend} warehouse + state"
+    print(f"    {label} (loaded in {case.load_s:.0f} s):")
+    fixed = case.fixed
+    if fixed is not None:
+        print(f"      Airflow's fixed cost (trivial two-task DAG): {fixed.wall_s:.1f} s wall, "
+              f"peak RSS {fixed.peak_rss_mb:.0f} MB")
+    first = case.first
+    if first is not None:
+        target = TARGETS.get((case.backend, case.rows))
+        mark = "" if target is None else (
+            f" (target ≤ {target:.0f} s: {'met' if first.wall_s <= target else 'MISSED'})")
+        print(f"      first run: {first.wall_s:.1f} s wall{mark}, peak RSS "
+              f"{first.peak_rss_mb:.0f} MB (target ≤ {RSS_TARGET_MB}), "
+              f"{case.sink_events:,} events in {case.sink_requests:,} requests, "
+              f"{case.delivered:,} delivered")
+        print(f"        phases (s): {_fmt_phases(first, case.sink_busy_s)}")
+        tasks = ", ".join(f"{t} {s:.1f}" for t, s in first.tasks.items())
+        print(f"        tasks (s): {tasks}")
+        if first.phases and first.wall_s:
+            check = _contract_s(first)
+            print(f"        the contract: {check:.1f} s = {check / first.wall_s:.0%} of the run "
+                  "(target ≤ 25 %)")
+    noop = case.noop
+    if noop is not None and fixed is not None:
+        extra = noop.wall_s - fixed.wall_s
+        print(f"      no-op run (nothing new): {noop.wall_s:.1f} s wall, {extra:+.1f} s over "
+              f"the trivial DAG (target ≤ {NOOP_TARGET_S:.0f} s: "
+              f"{'met' if extra <= NOOP_TARGET_S else 'MISSED'}), peak RSS "
+              f"{noop.peak_rss_mb:.0f} MB; read {noop.counts.get('read', 0):,} rows")
+        print(f"        phases (s): {_fmt_phases(noop, None)}")
+        tasks = ", ".join(f"{t} {s:.1f}" for t, s in noop.tasks.items())
+        print(f"        tasks (s): {tasks}")
+    for problem in case.problems:
+        print(f"      CORRECTNESS: {problem}")
+    sys.stdout.flush()
+
+
+def parse_cases(text: str) -> list[tuple[str, int]]:
+    """``sqlite:200000,postgres:1000000`` → [(backend, rows), ...]."""
+    cases = []
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        backend, _, n = part.strip().partition(":")
+        if backend not in ("sqlite", "postgres") or not n.replace("_", "").isdigit():
+            raise ValueError(f"--dag-cases: expected backend:rows (sqlite or postgres), got "
+                             f"{part.strip()!r}")
+        cases.append((backend, int(n.replace("_", ""))))
+    return cases
+
+
+def run_all(cases: list[tuple[str, int]], pg_admin_url: str) -> list[DagCase]:
+    """Runs and prints every case, one at a time."""
+    print("(d) the real DAG, `airflow dags test leadsync_meta`, fresh state, lean loopback "
+          "Meta sink (parses JSON, counts):", flush=True)
+    results = []
+    with _Sink() as sink:
+        for backend, rows in cases:
+            sink.ids.clear()
+            case = run_case(backend, rows, pg_admin_url, sink)
+            print_case(case)
+            results.append(case)
+    by_rows = sorted(results, key=lambda c: c.rows)
+    if len(by_rows) >= 2 and by_rows[0].first and by_rows[-1].first:
+        small, large = by_rows[0], by_rows[-1]
+        assert small.first is not None and large.first is not None
+        print(f"    peak RSS {small.rows:,} → {large.rows:,} rows: "
+              f"{small.first.peak_rss_mb:.0f} → {large.first.peak_rss_mb:.0f} MB")
+    return results
