@@ -190,8 +190,8 @@ def _write_outcomes(conn: Connection, destination: str, outcomes: Mapping[str, E
     statement per event (Postgres: ``UPDATE … FROM unnest(arrays)``; SQLite: executemany)."""
     if not outcomes:
         return
-    stamp = literal(now, UTCDateTime())
     if conn.dialect.name == "postgresql":
+        stamp = literal(now, UTCDateTime())
         # Four array parameters, not a VALUES list: the statement compiles once (a 1,000-row
         # VALUES took 0.3 s to compile), and unnest's small row estimate keeps the planner on
         # the primary key instead of hashing the whole ledger (measured 55 ms vs 200-450 ms
@@ -216,16 +216,18 @@ def _write_outcomes(conn: Connection, destination: str, outcomes: Mapping[str, E
                                 "b_reasons": [o.reason for _, o in part],
                                 "b_details": [o.detail for _, o in part]})
         return
-    stmt = (
-        update(ledger)
-        .where(ledger.c.destination == bindparam("b_dest"),
-               ledger.c.event_id == bindparam("b_event"))
-        .values(status=bindparam("b_status"), reason=bindparam("b_reason"),
-                detail=bindparam("b_detail"), updated_at=now,
-                attempts=ledger.c.attempts + 1,
-                delivered_at=case((bindparam("b_status") == DELIVERED, stamp),
-                                  else_=ledger.c.delivered_at))
+    # One prepared statement run by the driver for every event (sqlite3's executemany loops
+    # in C); through SQLAlchemy's executemany the per-row parameter processing in Python
+    # cost more than the updates (50 of 76 ms per 1,000 events).
+    to_db = ledger.c.updated_at.type.bind_processor(conn.dialect)
+    when = to_db(now) if to_db is not None else now
+    if isinstance(when, datetime):
+        when = when.isoformat(" ")  # what sqlite3's datetime adapter stores; done once
+    conn.exec_driver_sql(
+        "UPDATE ls_ledger SET status = ?, reason = ?, detail = ?, updated_at = ?, "
+        "attempts = attempts + 1, "
+        f"delivered_at = CASE WHEN ? = '{DELIVERED}' THEN ? ELSE delivered_at END "
+        "WHERE destination = ? AND event_id = ?",
+        [(o.status, o.reason, o.detail, when, o.status, when, destination, event_id)
+         for event_id, o in outcomes.items()],
     )
-    conn.execute(stmt, [{"b_dest": destination, "b_event": e, "b_status": o.status,
-                         "b_reason": o.reason, "b_detail": o.detail}
-                        for e, o in outcomes.items()])
