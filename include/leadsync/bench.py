@@ -886,7 +886,7 @@ def _child_main(spec_json: str, out_path: str) -> int:
                 rss_after[name] = _vm("VmRSS")
         return wrapper
 
-    for name in ("open_run", "check", "stage", "push", "commit"):
+    for name in ("open_run", "check", "stage", "push", "push_lane", "commit"):
         if hasattr(pipeline, name):
             setattr(pipeline, name, timed(name, getattr(pipeline, name)))
 
