@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 UV_VERSION := 0.13.8
 export LEADSYNC_HOME ?= $(CURDIR)/.leadsync
 
-.PHONY: demo test lint unit integration bench soak venv clean lock cluster cluster-stop ui
+.PHONY: demo test lint unit integration bench soak fuzz venv clean lock cluster cluster-stop ui
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ bench: venv
 soak: venv
 	$(BIN)/pytest tests/integration/test_faults.py -k random_fault_schedules \
 		--schedules $${SCHEDULES:-1000} --timeout 0 -q -s -p no:cacheprovider
+
+# Hostile rows (seeded) through the real DAG on SQLite and Postgres, and through render;
+# prints the tally (rows, outcomes by reason, crashes, leaks). ROWS per run, SEEDS per backend.
+fuzz: venv
+	LEADSYNC_FUZZ_ROWS=$${ROWS:-10000} LEADSYNC_FUZZ_SEEDS=$${SEEDS:-2} \
+	LEADSYNC_FUZZ_RENDER_LINES=$${LINES:-10000} \
+		$(BIN)/pytest tests/integration/test_fuzz.py -k "hostile_rows or render" \
+		--timeout 0 -q -s -p no:cacheprovider
 
 # A local Airflow on the CeleryExecutor (API server, scheduler, dag-processor, triggerer, two
 # Celery workers) on this machine's Postgres and Redis, plus the sandbox; detached. Idempotent.

@@ -277,7 +277,12 @@ def _state_store() -> Any:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    """Prints the requests that rows given as JSON lines would produce (no network)."""
+    """Prints the requests that rows given as JSON lines would produce (no network).
+
+    Each input line stands on its own: one that cannot be read (not UTF-8, not JSON, not an
+    object, or holding text that cannot be encoded such as a lone UTF-16 surrogate) comes out
+    as a skipped line with its line number and a reason; every other line is rendered.
+    """
     from leadsync.pipeline import render_requests
 
     config = get_config()
@@ -285,21 +290,49 @@ def cmd_render(args: argparse.Namespace) -> int:
     now = _parse_now(args.now)
     creds = _render_credentials(dest)
     rows = []
-    for number, line in enumerate(sys.stdin, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise CliError(f"stdin line {number} is not valid JSON") from None
-        if not isinstance(row, dict):
-            raise CliError(f"stdin line {number} is not a JSON object")
-        rows.append(row)
+    binary = getattr(sys.stdin, "buffer", None)  # bytes: a bad line cannot stop the reader
+    lines = binary if binary is not None else (
+        line.encode("utf-8", "surrogatepass") for line in sys.stdin)
+    for number, raw in enumerate(lines, start=1):
+        row, reason = read_json_line(raw)
+        if reason is not None:
+            _print_line({"skipped": {"line": number, "lead_id": None, "stage": None,
+                                     "reason": reason}})
+        elif row is not None:
+            rows.append(row)
     # The data contract runs first (its Great Expectations suite, in memory): rows it rejects
     # come out as {"skipped": {..., "reason": "<rule code>"}}.
     for item in render_requests(rows, dest, creds, now, config=config):
-        print(json.dumps(item, ensure_ascii=False, sort_keys=False))
+        _print_line(item)
     return 0
+
+
+def read_json_line(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """One input line as a row, or why it is not one: ``(row, None)``, ``(None, reason)``,
+    or ``(None, None)`` for a blank line. Reasons are fixed codes, never the line's text."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "undecodable_line"
+    if not line.strip():
+        return None, None
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None, "invalid_json"
+    if not isinstance(row, dict):
+        return None, "not_a_json_object"
+    try:
+        # JSON may escape a lone surrogate ("\ud83d"): valid JSON, but no text encoding can
+        # hold it, so it could never be hashed nor sent.
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError):
+        return None, "unencodable_text"
+    return row, None
+
+
+def _print_line(item: dict[str, Any]) -> None:
+    print(json.dumps(item, ensure_ascii=False, sort_keys=False))
 
 
 def _render_credentials(dest: Any) -> Any:
@@ -466,7 +499,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from leadsync.source import SourceError
 
         if isinstance(exc, CredentialsError | SourceError | ValueError):
-            print(f"leadsync: {exc}", file=sys.stderr)
+            from leadsync.redact import clean_message
+
+            print(f"leadsync: {clean_message(str(exc))}", file=sys.stderr)
             return 2
         raise
 

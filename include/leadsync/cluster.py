@@ -297,6 +297,14 @@ class Cluster:
         finally:
             admin.dispose()
 
+    def drop_broker_keys(self) -> int:
+        """Deletes this cluster's keys from Redis (tests; the cluster must be stopped)."""
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=3)
+        keys = list(client.scan_iter(match=f"ls{self.ident}:*", count=500))
+        return int(client.delete(*keys)) if keys else 0
+
     def check_redis(self) -> None:
         import redis
 

@@ -30,6 +30,7 @@ from typing import Any
 from leadsync.config import DestinationConfig, RetryConfig
 from leadsync.destinations.base import Destination, FatalDestinationError, ResultKind, SendResult
 from leadsync.destinations.http import HttpClient, TransportError
+from leadsync.redact import clean_message
 from leadsync.state import DELIVERED, EXPIRED, FAILED, PENDING, EventOutcome
 
 log = logging.getLogger(__name__)
@@ -188,20 +189,21 @@ class BatchSender:
             try:
                 resp = self.client.send(request)
             except TransportError as exc:
-                result = SendResult(ResultKind.TRANSIENT, str(exc), code="transport")
+                result = SendResult(ResultKind.TRANSIENT, clean_message(str(exc)),
+                                    code="transport")
             else:
                 result = self.module.parse_response(resp.status, resp.body, resp.headers,
                                                     len(group))
             if result.kind is ResultKind.FATAL:
-                raise FatalDestinationError(result.message)
+                raise FatalDestinationError(_clip(result.message))
             if result.kind is not ResultKind.TRANSIENT:
                 return result
-            last = result.message
+            last = _clip(result.message)
             hint = result.retry_after
             if attempt + 1 < attempts:
                 delay = backoff_delay(attempt, self.dest.retry, hint, self.rng)
                 log.warning("transient error from %s (%s); retry %d/%d in %.1fs",
-                            self.dest.name, result.message, attempt + 1, attempts - 1, delay)
+                            self.dest.name, last, attempt + 1, attempts - 1, delay)
                 report.retries += 1
                 self.sleep(delay)
         raise TransientExhaustedError(
@@ -211,7 +213,8 @@ class BatchSender:
 
 
 def _clip(message: str, limit: int = 500) -> str:
-    return message if len(message) <= limit else message[: limit - 1] + "…"
+    # Platform messages can quote the value they refused: only the cleaned text is kept.
+    return clean_message(message, limit)
 
 
 def summarize(report: DeliveryReport) -> Mapping[str, int]:

@@ -26,7 +26,7 @@ from leadsync.destinations import get_destination
 from leadsync.destinations.base import Destination, HttpRequest, Skip, derive_event_id
 from leadsync.destinations.http import HttpClient, encode_event
 from leadsync.faults import crash_point
-from leadsync.source import REQUIRED_COLUMNS, Source, Window, plan_window
+from leadsync.source import REQUIRED_COLUMNS, Source, UnreadableRow, Window, plan_window
 from leadsync.state import (
     BATCH_HELD,
     DELIVERED,
@@ -417,6 +417,21 @@ class _StagePass:
         self.last = prev
         return fresh
 
+    def unreadable(self, marker: UnreadableRow,
+                   session: quality.ContractSession | None, new: bool) -> None:
+        """A row the driver could not read: quarantined on its own (``unreadable_row``), in its
+        place in the order, so that the watermark can move past it; the pass goes on."""
+        self.counts["read"] += 1
+        if session is not None:
+            failure = session.add_unreadable(marker, is_new=new)  # counted by its report
+        else:
+            failure = quality.unreadable_failure(marker)
+            self.counts["quarantined"] += 1
+            self.counts[f"quarantined.{failure.rule}"] += 1
+        self.quarantine_failures([failure])
+        if marker.cursor is not None:
+            self.last = marker.cursor
+
     def quarantine_failures(self, failures: list[quality.Failure]) -> None:
         """Writes the contract's failures to quarantine (counted by its report)."""
         if failures:
@@ -657,6 +672,10 @@ class Pipeline:
         # An earlier attempt of this step, or a run that died before its verdict, may have
         # left held batches and ledger rows: never sendable, and this pass re-reads the rows.
         self.state.discard_held(name, run_id if run["status"] == RUN_CHECKING else None)
+        if run["status"] == RUN_RUNNING:
+            # This check passed before and released its batches: those no lane took yet are
+            # taken back and staged again by this pass, which counts afresh.
+            self.state.take_back_unsent(name, run_id)
         self.state.update_run(run_id, name, status=RUN_CHECKING)
         source = self._source()
         window = self._window(run)
@@ -747,6 +766,14 @@ class Pipeline:
                     chunk = next(stream, None)
                 if chunk is None:
                     break
+                if isinstance(chunk, UnreadableRow):
+                    cursor = chunk.cursor
+                    session = contract.open() if contract is not None else None
+                    pass_.unreadable(chunk, session, cursor is None or watermark is None
+                                     or cursor.ts > watermark.ts)
+                    if session is not None and session.over_limit:
+                        return "stopped reading the window"
+                    continue
                 fresh = pass_.take(chunk)
                 if contract is None:
                     pass_.decide(pass_.position)

@@ -59,7 +59,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from leadsync.source import REQUIRED_COLUMNS, to_utc
+from leadsync.redact import clean_error, clean_message
+from leadsync.source import REQUIRED_COLUMNS, UNREADABLE_RULE, UnreadableRow, to_utc
 from leadsync.state import QuarantineRecord
 
 if TYPE_CHECKING:
@@ -110,6 +111,8 @@ RULES: dict[str, Rule] = {
     for rule in (
         Rule("missing_column", "a required column is missing from the source query",
              "structural"),
+        Rule("unreadable_row", "the warehouse driver cannot read the row (undecodable text, "
+             "a value out of Python's range)"),
         Rule("missing_lead_id", "lead_id is null or blank"),
         Rule("missing_stage", "stage is null or blank"),
         Rule("missing_event_time", "event_time is null or blank"),
@@ -803,8 +806,7 @@ class _Suite:
             if info.get("raised_exception"):
                 check = self.checks[int(item.expectation_config.meta["check"])]
                 # Quoted parts of a pandas/GX message can be row values: never log them.
-                message = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'",
-                                 str(info.get("exception_message")))[:300]
+                message = clean_message(str(info.get("exception_message")), 300)
                 raise ContractError(f"Great Expectations could not evaluate {check.label}: "
                                     f"{message}")
         self.template = result
@@ -1070,6 +1072,18 @@ class ContractSession:
                                            if f is not None and batch.new[i])
         return failures
 
+    def add_unreadable(self, marker: UnreadableRow, *, is_new: bool = True) -> Failure:
+        """Counts a row the driver could not read as a failing row of the window (rule
+        ``unreadable_row``); GX never sees it: there is nothing to project."""
+        report = self.report
+        report.rows += 1
+        report.failing_rows += 1
+        report.new_rows += is_new
+        report.new_failing_rows += is_new
+        self._quarantined[UNREADABLE_RULE] += 1
+        # No position: positions number the rows given to :meth:`add` (the caller's plans).
+        return unreadable_failure(marker)
+
     @property
     def validated(self) -> int:
         """How many of the rows given so far have been validated (their failures returned):
@@ -1143,7 +1157,8 @@ class ContractSession:
             try:
                 report.data_docs = self._build_docs()
             except Exception as exc:  # noqa: BLE001 - docs are a view; never fail the run on them
-                log.warning("could not build the Data Docs in %s: %s", spec.data_docs_dir, exc)
+                log.warning("could not build the Data Docs in %s: %s", spec.data_docs_dir,
+                            clean_error(exc))
         return report
 
     def _build_docs(self) -> str | None:
@@ -1260,8 +1275,7 @@ def source_columns(engine: Engine, query: str) -> list[str]:
         with engine.connect() as conn:
             return list(conn.execute(text(f"SELECT * FROM ({query}) src WHERE 1=0")).keys())
     except Exception as exc:  # noqa: BLE001 - any driver error becomes one clear message
-        raise SourceError(f"the source query failed: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:300]}") from None
+        raise SourceError(f"the source query failed: {clean_error(exc)}") from None
 
 
 def window_key_counts(source: Source, window: Window, cap: int) -> dict[tuple[str, str], int]:
@@ -1270,7 +1284,7 @@ def window_key_counts(source: Source, window: Window, cap: int) -> dict[tuple[st
     One ``GROUP BY`` in the warehouse over the same rows the stream reads (the same keyset
     bounds, binds and SQL), returning only the duplicated keys, at most ``cap + 1`` of them.
     """
-    from sqlalchemy import String, cast, column, func, select, text
+    from sqlalchemy import LargeBinary, String, cast, column, func, select, text
 
     from leadsync.source import SourceError
 
@@ -1286,13 +1300,29 @@ def window_key_counts(source: Source, window: Window, cap: int) -> dict[tuple[st
     stage_key = func.trim(cast(rows.c.stage, String))
     query = (select(lead_key, stage_key, func.count())
              .group_by(lead_key, stage_key).having(func.count() > 1).limit(cap + 1))
+    if source.engine.dialect.name == "sqlite":
+        # Text that is not UTF-8 cannot be fetched as text: keys come back as their bytes.
+        query = (select(cast(lead_key, LargeBinary), cast(stage_key, LargeBinary), func.count())
+                 .group_by(lead_key, stage_key).having(func.count() > 1).limit(cap + 1))
     try:
         with source.engine.connect() as conn:
             result = conn.execute(query, params)
-            return {(str(k), str(s)): int(n) for k, s, n in result}
+            return {(_text(k), _text(s)): int(n) for k, s, n in result}
     except Exception as exc:  # noqa: BLE001
         raise SourceError(f"counting duplicate (lead_id, stage) in the window failed: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+                          f"{clean_error(exc)}") from None
+
+
+def unreadable_failure(marker: UnreadableRow) -> Failure:
+    """The quarantine verdict on a row the warehouse driver could not read."""
+    return Failure(marker.lead_id[:MAX_ID_LENGTH], marker.stage[:MAX_STAGE_LENGTH],
+                   UNREADABLE_RULE, marker.detail, marker.cursor.ts if marker.cursor else None)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes | memoryview):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    return str(value)
 
 
 def null_cursor_rows(source: Source, limit: int) -> list[dict[str, Any]]:
@@ -1307,9 +1337,13 @@ def null_cursor_rows(source: Source, limit: int) -> list[dict[str, Any]]:
     try:
         with source.engine.connect() as conn:
             return [dict(m) for m in conn.execute(text(sql), {"n": limit}).mappings()]
+    except Exception:  # noqa: BLE001, S110 - a value the driver cannot read: read it as null
+        pass
+    try:
+        return source.read_leniently(sql, {"n": limit})
     except Exception as exc:  # noqa: BLE001
-        raise SourceError(f"looking for rows without updated_at failed: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:300]}") from None
+        raise SourceError("looking for rows without updated_at failed: "
+                          f"{clean_error(exc)}") from None
 
 
 # -- in memory (render, tests) -------------------------------------------------------------------

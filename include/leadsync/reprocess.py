@@ -28,7 +28,8 @@ from sqlalchemy import select, text
 
 from leadsync import quality
 from leadsync.pipeline import Pipeline, Planned, Planner, Rejected, batch_size
-from leadsync.source import to_utc
+from leadsync.redact import clean_error
+from leadsync.source import SourceError, to_utc
 from leadsync.state import FAILED, PENDING, Cursor, LedgerRecord, ledger
 
 log = logging.getLogger(__name__)
@@ -131,14 +132,18 @@ class Reprocessor:
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         sql = (f"SELECT src.*, {ts} AS _ls_ts FROM ({src.read_query()}) src {where} "
                "ORDER BY _ls_ts, src.lead_id, src.stage")
-        with pipeline.warehouse.connect() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=src.chunk_size
-                                            ).execute(text(sql), params)
-            for mapping in result.mappings():
-                row = dict(mapping)
-                cursor_ts = to_utc(row.pop("_ls_ts")) or datetime.now(UTC)
-                row["_cursor"] = Cursor(cursor_ts, row.get("lead_id"), str(row.get("stage")))
-                yield row
+        try:
+            with pipeline.warehouse.connect() as conn:
+                result = conn.execution_options(stream_results=True, yield_per=src.chunk_size
+                                                ).execute(text(sql), params)
+                for mapping in result.mappings():
+                    row = dict(mapping)
+                    cursor_ts = to_utc(row.pop("_ls_ts")) or datetime.now(UTC)
+                    row["_cursor"] = Cursor(cursor_ts, row.get("lead_id"),
+                                            str(row.get("stage")))
+                    yield row
+        except Exception as exc:  # noqa: BLE001 - a driver's message can quote a row's value
+            raise SourceError(f"reading the source failed: {clean_error(exc)}") from None
 
     def _event_time_conditions(self, req: ReprocessRequest) -> tuple[list[str], dict[str, Any]]:
         sqlite = self.pipeline.warehouse.dialect.name == "sqlite"

@@ -28,6 +28,7 @@ from leadsync.destinations.base import (
     checks_request_status,
 )
 from leadsync.destinations.http import HttpClient, TransportError
+from leadsync.redact import clean_message
 from leadsync.state import StateStore, utcnow
 
 log = logging.getLogger(__name__)
@@ -94,15 +95,15 @@ def check_requests(
             resp = client.send(build(request_id, creds))
         except TransportError as exc:
             log.warning("status of %s request %s: %s; next run retries", destination,
-                        request_id, exc)
+                        request_id, clean_message(str(exc)))
             counts["requests_unreachable"] += 1
             break
         result = parse(resp.status, resp.body, resp.headers)
         if not isinstance(result, RequestStatus):
             if result.kind is ResultKind.FATAL:
-                raise FatalDestinationError(result.message)
+                raise FatalDestinationError(clean_message(result.message))
             log.warning("status of %s request %s: %s; next run retries", destination,
-                        request_id, result.message)
+                        request_id, clean_message(result.message))
             counts["requests_unreachable"] += 1
             break  # throttled or down: stop asking for now
         status = result
@@ -117,7 +118,7 @@ def check_requests(
             done=status.done,
             next_check_at=now + _backoff(int(request["checks"])),
             counts={k: dict(v) for k, v in status.counts.items()},
-            message=status.message or None,
+            message=clean_message(status.message) if status.message else None,
             failed_event_names=list(status.failed_destinations),
             receipt_reason=RECEIPT_REASON,
         )

@@ -14,8 +14,9 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
+from leadsync.redact import clean_error
 from leadsync.state import Cursor
 
 REQUIRED_COLUMNS = ("lead_id", "stage", "event_time", "updated_at")
@@ -23,6 +24,68 @@ REQUIRED_COLUMNS = ("lead_id", "stage", "event_time", "updated_at")
 
 class SourceError(RuntimeError):
     """The source query failed or does not follow the contract (the message says how)."""
+
+
+UNREADABLE_RULE = "unreadable_row"
+
+
+@dataclass(frozen=True)
+class UnreadableRow:
+    """A row of the window the driver could not read: where it is and which columns failed.
+
+    It carries no value: ``lead_id`` and ``stage`` are the quarantine key (undecodable bytes
+    replaced by U+FFFD), ``cursor`` its position (None when ``updated_at`` itself is
+    unreadable, so the row has no place in the keyset order), ``columns`` the unreadable ones.
+    """
+
+    lead_id: str
+    stage: str
+    cursor: Cursor | None
+    columns: tuple[str, ...]
+
+    @property
+    def detail(self) -> str:
+        """The quarantine entry's fixed text (column names, never values)."""
+        return ("the warehouse driver cannot read column(s) " + ", ".join(self.columns)
+                + " (undecodable text, or a value out of Python's range)")
+
+
+class _Unconvertible:
+    """What the lenient Postgres casters return for a value the driver cannot convert."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<unconvertible>"
+
+
+UNCONVERTIBLE = _Unconvertible()
+
+
+class _Undecodable(str):
+    """Text that is not valid UTF-8, decoded with ``surrogateescape`` (SQLite, lenient)."""
+
+    __slots__ = ()
+
+
+def _lenient_text(raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return _Undecodable(raw.decode("utf-8", "surrogateescape"))
+
+
+def _safe_text(value: Any) -> str:
+    """A key value as storable text: undecodable bytes become U+FFFD."""
+    text_ = "" if value is None or value is UNCONVERTIBLE else str(value)
+    try:
+        text_.encode()
+    except UnicodeEncodeError:
+        try:  # the bytes SQLite held, each bad one shown as U+FFFD
+            text_ = text_.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:  # lone surrogates of another origin
+            text_ = text_.encode("utf-8", "replace").decode()
+    return text_
 
 
 @dataclass(frozen=True)
@@ -103,9 +166,15 @@ class Source:
         where = ["w._ls_ts <= :hi_ts"]
         if lo is not None:
             if exact:
+                # An undecodable key (SQLite, read leniently) is bound as its raw bytes and
+                # compared as text again, so that paging resumes exactly after it.
+                lead = "CAST(:lo_lead AS TEXT)" if isinstance(lo.lead_id, _Undecodable) \
+                    else ":lo_lead"
+                stage = "CAST(:lo_stage AS TEXT)" if isinstance(lo.stage, _Undecodable) \
+                    else ":lo_stage"
                 where.append(
-                    "(w._ls_ts > :lo_ts OR (w._ls_ts = :lo_ts AND (w.lead_id > :lo_lead"
-                    " OR (w.lead_id = :lo_lead AND w.stage > :lo_stage))))"
+                    f"(w._ls_ts > :lo_ts OR (w._ls_ts = :lo_ts AND (w.lead_id > {lead}"
+                    f" OR (w.lead_id = {lead} AND w.stage > {stage}))))"
                 )
             else:
                 where.append("w._ls_ts >= :lo_ts")
@@ -115,6 +184,15 @@ class Source:
             "ORDER BY w._ls_ts, w.lead_id, w.stage LIMIT :page"
         )
 
+    def _params(self, window: Window, lo: Cursor | None, exact: bool) -> dict[str, Any]:
+        params: dict[str, Any] = {"hi_ts": self._ts_param(window.hi), "page": self.page_size}
+        if lo is not None:
+            params["lo_ts"] = self._ts_param(lo.ts)
+            if exact:
+                params["lo_lead"] = _bindable(lo.lead_id)
+                params["lo_stage"] = _bindable(lo.stage)
+        return params
+
     def check_columns(self) -> list[str]:
         """Runs the query with no rows to list its columns; fails on missing ones."""
         try:
@@ -122,8 +200,7 @@ class Source:
                 result = conn.execute(text(f"SELECT * FROM ({self.query}) src WHERE 1=0"))
                 columns = list(result.keys())
         except Exception as exc:  # noqa: BLE001 - any driver error becomes one clear message
-            raise SourceError(f"the source query failed: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:300]}") from None
+            raise SourceError(f"the source query failed: {clean_error(exc)}") from None
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]
         if missing:
             raise SourceError(
@@ -132,50 +209,81 @@ class Source:
             )
         return columns
 
-    def stream(self, window: Window) -> Iterator[list[dict[str, Any]]]:
-        """Yields chunks of rows (dicts) in cursor order; each row gets ``_cursor``."""
+    def stream(self, window: Window) -> Iterator[list[dict[str, Any]] | UnreadableRow]:
+        """Yields chunks of rows (dicts) in cursor order; each row gets ``_cursor``.
+
+        A row the driver cannot read (undecodable text on SQLite; on Postgres a value outside
+        Python's range, like a year 10000 timestamp) does not stop the window: it is yielded,
+        in its place in the order, as an :class:`UnreadableRow` between chunks. The happy path
+        pays nothing for this: only after a read fails is the rest of that page read again,
+        from the last row yielded, with lenient decoding (:meth:`_lenient`).
+        """
         lo = window.lo
         exact = lo is not None and lo.lead_id is not None
+        lenient = False
         while True:
-            params: dict[str, Any] = {"hi_ts": self._ts_param(window.hi), "page": self.page_size}
-            if lo is not None:
-                params["lo_ts"] = self._ts_param(lo.ts)
-                if exact:
-                    params["lo_lead"] = lo.lead_id
-                    params["lo_stage"] = lo.stage
+            params = self._params(window, lo, exact)
             n_page = 0
             last: Cursor | None = None
+            failed: Exception | None = None
             try:
                 with self.engine.connect() as conn:
-                    result = conn.execution_options(
-                        stream_results=True, yield_per=self.chunk_size
-                    ).execute(text(self._sql(lo, exact)), params)
-                    for part in result.mappings().partitions(self.chunk_size):
-                        chunk = []
-                        for mapping in part:
-                            row = dict(mapping)
-                            raw_ts = row.pop("_ls_ts")
-                            # The cursor is the value the warehouse compares on (SQLite:
-                            # millisecond text), so that resuming after it is exact.
-                            ts = to_utc(raw_ts)
-                            if ts is None:
-                                raise SourceError(
-                                    "a row has no usable updated_at; the cursor column must "
-                                    "be a non-null timestamp"
-                                )
-                            row["_cursor"] = Cursor(ts, row.get("lead_id"), str(row.get("stage")))
-                            chunk.append(row)
-                        n_page += len(chunk)
-                        if chunk:
-                            last = chunk[-1]["_cursor"]
-                            yield chunk
-            except SourceError:
-                raise
+                    if lenient:
+                        self._lenient(conn)
+                    try:
+                        result = conn.execution_options(
+                            stream_results=True, yield_per=self.chunk_size
+                        ).execute(text(self._sql(lo, exact)), params)
+                        for part in result.mappings().partitions(self.chunk_size):
+                            n_page += len(part)
+                            chunk: list[dict[str, Any]] = []
+                            for mapping in part:
+                                row = dict(mapping)
+                                if not lenient:
+                                    # The cursor is the value the warehouse compares on
+                                    # (SQLite: millisecond text), so resuming after it is exact.
+                                    ts = to_utc(row.pop("_ls_ts"))
+                                    if ts is not None:
+                                        row["_cursor"] = Cursor(ts, row.get("lead_id"),
+                                                                str(row.get("stage")))
+                                        chunk.append(row)
+                                        continue
+                                    marker = _marker(row, None, ("updated_at",))
+                                else:
+                                    found = self._unreadable(row)
+                                    if found is None:
+                                        cursor = _cursor(row)
+                                        if cursor is not None:
+                                            row["_cursor"] = cursor
+                                            chunk.append(row)
+                                            continue
+                                        found = _marker(row, None, ("updated_at",))
+                                    marker = found
+                                if chunk:
+                                    yield chunk
+                                    chunk = []
+                                raw = marker.cursor
+                                if raw is not None and _pageable(raw):
+                                    last = raw
+                                yield _storable(marker)
+                            if chunk:
+                                if _pageable(chunk[-1]["_cursor"]):
+                                    last = chunk[-1]["_cursor"]
+                                yield chunk
+                    finally:
+                        if lenient:
+                            conn.invalidate()  # never hand the lenient casters to the pool
             except Exception as exc:  # noqa: BLE001
-                raise SourceError(
-                    f"reading the source failed: {type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0][:300]}"
-                ) from None
+                failed = exc
+            if failed is not None:
+                if lenient:
+                    raise SourceError(f"reading the source failed: {clean_error(failed)}") \
+                        from None
+                # Read the rest of this page again, leniently, from the last row yielded.
+                lenient = True
+                if last is not None:
+                    lo, exact = last, True
+                continue
             if n_page < self.page_size or last is None:
                 return
             if lo is not None and exact and last == lo:
@@ -189,3 +297,101 @@ class Source:
             # Next page: strictly after the last row, in the warehouse's own ordering.
             lo = last
             exact = True
+            lenient = False
+
+    def _lenient(self, conn: Connection) -> None:
+        """Makes ``conn`` return a marker for values it cannot read, instead of raising.
+
+        SQLite: text that is not UTF-8 decodes with ``surrogateescape`` into a marked string.
+        psycopg2: every type caster is wrapped to return :data:`UNCONVERTIBLE` when the value
+        is out of Python's range. The connection is invalidated after use.
+        """
+        dbapi = conn.connection.dbapi_connection
+        if self._sqlite:
+            dbapi.text_factory = _lenient_text  # type: ignore[union-attr]
+            return
+        if self.engine.dialect.driver == "psycopg2":
+            from psycopg2 import extensions
+
+            own = getattr(dbapi, "string_types", {}) or {}
+            for oid, caster in {**extensions.string_types, **own}.items():
+                extensions.register_type(
+                    extensions.new_type((oid,), f"LEADSYNC_LENIENT_{oid}", _lenient_cast(caster)),
+                    dbapi)
+
+    def read_leniently(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """All rows of a small query, a value the driver cannot read given as None.
+
+        For side queries whose rows are quarantined whatever they hold (rows without a
+        cursor): the strict read failing must not stop the check.
+        """
+        with self.engine.connect() as conn:
+            self._lenient(conn)
+            try:
+                return [{k: None if v is UNCONVERTIBLE or v.__class__ is _Undecodable else v
+                         for k, v in m.items()}
+                        for m in conn.execute(text(sql), params).mappings()]
+            finally:
+                conn.invalidate()
+
+    @staticmethod
+    def _unreadable(row: dict[str, Any]) -> UnreadableRow | None:
+        bad = tuple(k for k, v in row.items()
+                    if v is UNCONVERTIBLE or v.__class__ is _Undecodable)
+        if not bad:
+            return None
+        cursor = _cursor(row) if "_ls_ts" not in bad else None
+        names = dict.fromkeys("updated_at" if c == "_ls_ts" else c for c in bad)
+        return _marker(row, cursor, tuple(names))
+
+
+def _lenient_cast(caster: Any) -> Any:
+    def cast(value: Any, cur: Any) -> Any:
+        try:
+            return caster(value, cur)
+        except Exception:  # noqa: BLE001 - out of range, or not convertible at all
+            return UNCONVERTIBLE
+
+    return cast
+
+
+def _cursor(row: dict[str, Any]) -> Cursor | None:
+    """The row's cursor (the value the warehouse compares on: SQLite gives millisecond text,
+    so that resuming after it is exact); pops ``_ls_ts``. None when it has no usable one."""
+    raw_ts = row.pop("_ls_ts", None)
+    try:
+        ts = to_utc(raw_ts)
+    except (OverflowError, ValueError):
+        return None
+    if ts is None:
+        return None
+    stage = row.get("stage")
+    return Cursor(ts, row.get("lead_id"), stage if isinstance(stage, str) else str(stage))
+
+
+def _pageable(cursor: Cursor) -> bool:
+    return cursor.lead_id is not UNCONVERTIBLE and cursor.stage != repr(UNCONVERTIBLE)
+
+
+def _storable(marker: UnreadableRow) -> UnreadableRow:
+    """The marker as consumers get it: its cursor's keys as storable text (the stream pages
+    on the raw ones)."""
+    cur = marker.cursor
+    if cur is None or not (isinstance(cur.lead_id, _Undecodable)
+                           or isinstance(cur.stage, _Undecodable)):
+        return marker
+    lead = _safe_text(cur.lead_id) if isinstance(cur.lead_id, _Undecodable) else cur.lead_id
+    safe = Cursor(cur.ts, lead, _safe_text(cur.stage))
+    return UnreadableRow(marker.lead_id, marker.stage, safe, marker.columns)
+
+
+def _bindable(value: Any) -> Any:
+    if isinstance(value, _Undecodable):
+        return value.encode("utf-8", "surrogateescape")
+    return value
+
+
+def _marker(row: dict[str, Any], cursor: Cursor | None, columns: tuple[str, ...]) -> UnreadableRow:
+    row.pop("_ls_ts", None)
+    return UnreadableRow(_safe_text(row.get("lead_id")), _safe_text(row.get("stage")), cursor,
+                         columns)

@@ -3,8 +3,9 @@ workers (``leadsync.cluster``, what ``make cluster`` starts) on this machine's P
 
 In order, on one cluster: a scheduled run succeeds with its push work on both workers; a
 triggered run loses a worker (``SIGKILL`` of the whole worker, mid-push, after the platform
-stored the request but before its answer came back) and ends red, truthfully, with nothing
-lost and nothing counted twice; the next run completes the rest on the surviving worker. The
+stored the request but before its answer came back) and ends with a truthful colour — red while
+events are pending, green if a surviving push lane took over the dead lane's batch — with
+nothing lost and nothing counted twice; the next run completes on the surviving worker. The
 scheduling overhead per task and per run is measured on the way (printed; README figures).
 """
 
@@ -185,6 +186,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         cluster.stop()
         assert not cluster.alive()
         cluster.drop_databases()
+        cluster.drop_broker_keys()
 
 
 def _hosts(live: Live, run_id: str) -> set[str]:
@@ -297,13 +299,18 @@ def test_worker_killed_mid_push_loses_nothing_and_the_next_run_completes(live: L
     assert live.cluster.kill_worker(victim["hostname"])
     run = live.wait_run(killed_run)
     tasks = {(t["task_id"], t["map_index"]): t for t in live.tasks(killed_run)}
-    # Truthful colour: events are still pending, so the run is red and says so.
-    assert run["state"] == "failed", live.diagnostics()
     assert tasks[(victim["task_id"], victim["map_index"])]["state"] == "failed"
-    assert tasks[("commit_watermark", -1)]["state"] == "failed"
-    assert live.store().summary(["meta"])["meta"]["pending"] > 0
+    # Truthful colour: red exactly when events are left pending. With push lanes, a lane on
+    # the surviving worker takes over a dead lane's batch once its claim expires (lease_ttl)
+    # and the run can end green, everything delivered; with one task per batch it ends red.
+    pending = live.store().summary(["meta"])["meta"]["pending"]
+    assert run["state"] == ("failed" if pending else "success"), live.diagnostics()
+    assert tasks[("commit_watermark", -1)]["state"] == run["state"]
+    print(f"\n[cluster kill] {victim['task_id']}[{victim['map_index']}] on "
+          f"{victim['hostname']} killed; its run ended {run['state']} with {pending} "
+          "event(s) pending")
 
-    # The next run, on the surviving worker, resends the pending batch with the same event ids.
+    # The next run, on the surviving worker, resends what is pending with the same event ids.
     survivor = ({"worker1", "worker2"} - {victim["hostname"]}).pop()
     next_run = live.wait_run(live.trigger())
     assert next_run["state"] == "success", live.diagnostics()

@@ -103,28 +103,38 @@ def test_render_masks_the_real_connection_token(
     assert secret not in lines[0] and secret not in err
 
 
-def test_render_invalid_json_line_exits_2_with_one_line(
+def stdin_bytes(monkeypatch: pytest.MonkeyPatch, *lines: bytes) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\n".join(lines) + b"\n")))
+
+
+def test_render_treats_each_line_on_its_own(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    stdin(monkeypatch, row("00QA"), '{"lead_id": "00QB", ')
+    canary = "Qzx7Canary"
+    good = json.dumps(row("00QA")).encode()
+    stdin_bytes(
+        monkeypatch,
+        good,
+        b'{"lead_id": "00QB", "first_name": "' + canary.encode() + b'\xff"}',  # not UTF-8
+        ('{"lead_id": "00QC", "first_name": "' + canary + '\\ud83d"}').encode(),  # surrogate
+        b'{"lead_id": "00QD", ',  # cut short
+        b"[1, 2]",
+        b"",
+        json.dumps(row("00QE")).encode(),
+    )
 
     code, lines, err = run(capsys, "render", "--destination", "meta", "--now", NOW)
 
-    assert code == 2
-    assert lines == []  # nothing half-rendered
-    assert err.count("\n") == 1
-    assert err.startswith("leadsync: ")
-    assert "line 2" in err and "not valid JSON" in err
-    assert "Traceback" not in err
-
-
-def test_render_non_object_line_exits_2(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    stdin(monkeypatch, "[1, 2]")
-    code, _, err = run(capsys, "render", "--destination", "meta", "--now", NOW)
-    assert code == 2
-    assert "line 1" in err and "JSON object" in err
+    assert code == 0, err
+    items = [json.loads(line) for line in lines]
+    skipped = [i["skipped"] for i in items if "skipped" in i]
+    assert [(s["line"], s["reason"]) for s in skipped] == [
+        (2, "undecodable_line"), (3, "unencodable_text"), (4, "invalid_json"),
+        (5, "not_a_json_object")]
+    (request,) = [i for i in items if "body" in i]
+    assert [e["event_id"] for e in request["body"]["data"]] == [
+        derive_event_id("00QA", "qualified"), derive_event_id("00QE", "qualified")]
+    assert canary not in "\n".join(lines) + err
 
 
 def test_render_bad_now_exits_2(monkeypatch: pytest.MonkeyPatch,

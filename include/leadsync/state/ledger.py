@@ -15,6 +15,7 @@ from leadsync.state.model import (
     BATCH_PENDING,
     DELIVERED,
     FAILED,
+    PENDING,
     Batch,
     Cursor,
     LedgerEntry,
@@ -250,6 +251,27 @@ class LedgerPart(StorePart):
             if status is not None and run_id is not None:
                 _update_run(conn, run_id, destination, None, status=status)
             return int(deleted or 0)
+
+    def take_back_unsent(self, destination: str, run_id: str) -> int:
+        """Takes back the batches ``run_id`` released that no lane has touched yet (pending,
+        never claimed, never attempted) with their pending ledger rows, in one transaction:
+        a check run again after it passed stages those rows again. Batches a lane has taken
+        stay (their events are in flight). Returns how many batches were taken back."""
+        with self.engine.begin() as conn:
+            pick = select(outbox.c.batch_id).where(
+                outbox.c.destination == destination, outbox.c.run_id == run_id,
+                outbox.c.status == BATCH_PENDING, outbox.c.attempts == 0,
+                outbox.c.claimed_by.is_(None), outbox.c.claim_run.is_(None))
+            if self.engine.dialect.name == "postgresql":
+                pick = pick.with_for_update(skip_locked=True)  # a lane claiming one keeps it
+            ids = list(conn.execute(pick).scalars())
+            for start in range(0, len(ids), 900):
+                part = ids[start:start + 900]
+                conn.execute(delete(ledger).where(ledger.c.destination == destination,
+                                                  ledger.c.batch_id.in_(part),
+                                                  ledger.c.status == PENDING))
+                conn.execute(delete(outbox).where(outbox.c.batch_id.in_(part)))
+            return len(ids)
 
     def pending_batch_ids(self, destination: str) -> list[str]:
         """Batches still to send, oldest first (earlier runs' leftovers before new work)."""
