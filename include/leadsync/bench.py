@@ -886,9 +886,10 @@ def _child_main(spec_json: str, out_path: str) -> int:
                 rss_after[name] = _vm("VmRSS")
         return wrapper
 
-    for name in ("open_run", "check", "stage", "push", "commit"):
+    for name in ("open_run", "check", "stage", "push_lane", "commit"):
         if hasattr(pipeline, name):
-            setattr(pipeline, name, timed(name, getattr(pipeline, name)))
+            label = "push" if name == "push_lane" else name  # Pipeline.run pushes in one lane
+            setattr(pipeline, name, timed(label, getattr(pipeline, name)))
 
     # Measurement hooks on classes, in this child process only: time waiting for the
     # sandbox, and time reading the warehouse (the fetches of the server-side cursor).
