@@ -40,8 +40,8 @@
     Scratch databases and files are removed afterwards.
 
 (c) Per platform: the same rows planned and encoded for each configured destination (Meta,
-    TikTok, Google, LinkedIn, Snapchat in the default config), events/s each, and all of them
-    planned from one pass over the rows.
+    TikTok, Google, LinkedIn, Snapchat, Pinterest, Reddit in the default config), events/s each,
+    and all of them planned from one pass over the rows.
 
 ``--quick`` (tests): 2,000 events and 5,000 end-to-end rows; a ``postgres_url`` that starts with
 ``sqlite`` runs the end-to-end part on SQLite files instead.
@@ -886,9 +886,10 @@ def _child_main(spec_json: str, out_path: str) -> int:
                 rss_after[name] = _vm("VmRSS")
         return wrapper
 
-    for name in ("open_run", "check", "stage", "push", "commit"):
+    for name in ("open_run", "check", "stage", "push_lane", "commit"):
         if hasattr(pipeline, name):
-            setattr(pipeline, name, timed(name, getattr(pipeline, name)))
+            label = "push" if name == "push_lane" else name  # Pipeline.run pushes in one lane
+            setattr(pipeline, name, timed(label, getattr(pipeline, name)))
 
     # Measurement hooks on classes, in this child process only: time waiting for the
     # sandbox, and time reading the warehouse (the fetches of the server-side cursor).

@@ -27,6 +27,10 @@ SANDBOX_GOOGLE_TOKEN = "sandbox-google-token"  # noqa: S105 - a static bearer, n
 SANDBOX_LINKEDIN_TOKEN = "sandbox-linkedin-token"  # noqa: S105 - the local emulator's token
 SANDBOX_SNAPCHAT_TOKEN = "sandbox-snapchat-token"  # noqa: S105 - the local emulator's token
 SANDBOX_SNAPCHAT_PIXEL = "5a9d5a9d-0000-4000-8000-000000000001"
+SANDBOX_PINTEREST_TOKEN = "sandbox-pinterest-token"  # noqa: S105 - the emulator's fixed token
+SANDBOX_PINTEREST_AD_ACCOUNT = "549755885175"
+SANDBOX_REDDIT_TOKEN = "sandbox-reddit-token"  # noqa: S105 - the emulator's fixed token
+SANDBOX_REDDIT_PIXEL = "t2_sandbox01"
 
 
 class CliError(RuntimeError):
@@ -107,6 +111,12 @@ def sandbox_connection(dest: Any, url: str) -> dict[str, Any]:
     if dest.type == "snapchat":
         return {"conn_type": "http", "host": url, "password": SANDBOX_SNAPCHAT_TOKEN,
                 "extra": {"pixel_id": SANDBOX_SNAPCHAT_PIXEL}}
+    if dest.type == "pinterest":
+        return {"conn_type": "http", "host": url, "password": SANDBOX_PINTEREST_TOKEN,
+                "extra": {"ad_account_id": SANDBOX_PINTEREST_AD_ACCOUNT}}
+    if dest.type == "reddit":
+        return {"conn_type": "http", "host": url, "password": SANDBOX_REDDIT_TOKEN,
+                "extra": {"pixel_id": SANDBOX_REDDIT_PIXEL}}
     raise CliError(f"destination {dest.name!r}: no sandbox for type {dest.type!r}")
 
 
@@ -355,6 +365,8 @@ def _render_credentials(dest: Any) -> Any:
             "google_ads": (None, {"access_token": "placeholder"}),
             "linkedin": ("placeholder", {}),
             "snapchat": ("placeholder", {"pixel_id": SANDBOX_SNAPCHAT_PIXEL}),
+            "pinterest": ("placeholder", {"ad_account_id": SANDBOX_PINTEREST_AD_ACCOUNT}),
+            "reddit": ("placeholder", {"pixel_id": SANDBOX_REDDIT_PIXEL}),
         }
         password, extra = placeholders[dest.type]
         return module.parse_credentials(None, password, extra)
@@ -396,8 +408,10 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
           f"{', '.join(google)}\n"
           f"  LinkedIn: bearer {SANDBOX_LINKEDIN_TOKEN!r}, conversion rules "
           f"{', '.join(sorted(cfg.linkedin_conversion_rules))}\n"
-          f"  Snapchat: token {SANDBOX_SNAPCHAT_TOKEN!r}, pixel {SANDBOX_SNAPCHAT_PIXEL}",
-          flush=True)
+          f"  Snapchat: token {SANDBOX_SNAPCHAT_TOKEN!r}, pixel {SANDBOX_SNAPCHAT_PIXEL}\n"
+          f"  Pinterest: token {SANDBOX_PINTEREST_TOKEN!r}, ad account "
+          f"{SANDBOX_PINTEREST_AD_ACCOUNT}\n"
+          f"  Reddit: token {SANDBOX_REDDIT_TOKEN!r}, pixel {SANDBOX_REDDIT_PIXEL}", flush=True)
     serve(host=args.host, port=args.port, config=cfg)
     return 0
 

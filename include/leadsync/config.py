@@ -33,7 +33,7 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 DESTINATION_TYPES = ("meta", "tiktok", "google_datamanager", "google_ads", "linkedin",
-                     "snapchat")
+                     "snapchat", "pinterest", "reddit")
 _GOOGLE_TYPES = ("google_datamanager", "google_ads")
 _CUSTOMER_ID_RE = re.compile(r"^\d{10}$")
 #: Snap's standard event names (its Conversions API Parameters page; Segment's and
@@ -138,7 +138,7 @@ class DestinationConfig(_Strict):
 
     name: str
     type: Literal["meta", "tiktok", "google_datamanager", "google_ads", "linkedin",
-                  "snapchat"]
+                  "snapchat", "pinterest", "reddit"]
     schedule: str = "@hourly"
     connection_id: str | None = None
     enabled: bool = True
@@ -218,6 +218,8 @@ class DestinationConfig(_Strict):
             self._linkedin_rules()
         if self.type == "snapchat":
             self._snapchat_rules()
+        if self.type == "pinterest":
+            self._pinterest_rules()
         if self.type in _GOOGLE_TYPES:
             self._google_rules()
         else:
@@ -241,6 +243,16 @@ class DestinationConfig(_Strict):
                 raise ValueError(f"stages.{stage}: {event!r} is not a Snap standard event name "
                                  "(e.g. SIGN_UP, PURCHASE, CUSTOM_EVENT_1..CUSTOM_EVENT_5); Snap "
                                  "accepts no custom names")
+
+    def _pinterest_rules(self) -> None:
+        # Pinterest takes only its own event names (custom stages become "custom").
+        allowed = ("add_payment_info", "add_to_cart", "add_to_wishlist", "app_install",
+                   "checkout", "custom", "initiate_checkout", "lead", "page_visit", "search",
+                   "signup", "subscribe", "view_category", "view_content", "watch_video")
+        for stage, event in self.stages.items():
+            if str(event).strip() not in allowed:
+                raise ValueError(f"stages.{stage}: {event!r} is not a Pinterest event_name; "
+                                 f"use one of {list(allowed)} (custom stages: 'custom')")
 
     def _google_rules(self) -> None:
         if self.customer_id is None:

@@ -33,6 +33,8 @@
 --   gclid, gbraid, wbraid      Google Ads click ids, sent as they are
 --   li_fat_id                  LinkedIn first-party click id (the li_fat_id URL parameter), raw
 --   sc_click_id, sc_cookie1    Snapchat click id (ScCid URL parameter) and _scid cookie, raw
+--   epik                       Pinterest click id (_epik cookie / &epik= parameter), sent as it is
+--   rdt_cid                    Reddit click id (rdt_cid URL parameter), sent as it is
 --   client_ip, user_agent, event_source_url
 --                              the browser context of web leads, sent where the platform takes it
 --   meta_lead_id, tiktok_lead_id

@@ -18,6 +18,8 @@ _MODULES = {
     "google_ads": "leadsync.destinations.google_ads",
     "linkedin": "leadsync.destinations.linkedin",
     "snapchat": "leadsync.destinations.snapchat",
+    "pinterest": "leadsync.destinations.pinterest",
+    "reddit": "leadsync.destinations.reddit",
 }
 
 

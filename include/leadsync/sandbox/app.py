@@ -45,6 +45,8 @@ PLATFORM_MODULES: tuple[str, ...] = (
     "leadsync.sandbox.google_datamanager",
     "leadsync.sandbox.google_ads",
     "leadsync.sandbox.linkedin",
+    "leadsync.sandbox.pinterest",
+    "leadsync.sandbox.reddit",
 )
 
 _ONE_DAY = 24 * 3600
@@ -81,6 +83,11 @@ class SandboxConfig:
         snapchat_tokens: Conversions API tokens the Snap emulator accepts.
         snapchat_pixels: Snap Pixel ids those tokens may send to.
         snapchat_max_age_seconds: How old a Snap ``event_time`` may be.
+        pinterest_tokens: Conversion access tokens the Pinterest emulator accepts (Bearer).
+        pinterest_ad_accounts: Pinterest ad account ids those tokens may send to.
+        reddit_tokens: Conversion access tokens the Reddit emulator accepts (Bearer).
+        reddit_pixels: Reddit pixel ids those tokens may send to.
+        reddit_max_age_seconds: How old a Reddit ``event_at`` may be (7 days).
     """
 
     meta_tokens: set[str] = field(default_factory=lambda: {"sandbox-meta-token"})
@@ -113,6 +120,11 @@ class SandboxConfig:
         default_factory=lambda: {"5a9d5a9d-0000-4000-8000-000000000001"}
     )
     snapchat_max_age_seconds: int = 37 * _ONE_DAY
+    pinterest_tokens: set[str] = field(default_factory=lambda: {"sandbox-pinterest-token"})
+    pinterest_ad_accounts: set[str] = field(default_factory=lambda: {"549755885175"})
+    reddit_tokens: set[str] = field(default_factory=lambda: {"sandbox-reddit-token"})
+    reddit_pixels: set[str] = field(default_factory=lambda: {"t2_sandbox01"})
+    reddit_max_age_seconds: int = 7 * _ONE_DAY
 
 
 # --------------------------------------------------------------------------------------------
