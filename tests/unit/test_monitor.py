@@ -76,6 +76,9 @@ def test_coverage_names_identifiers_alike_across_platforms() -> None:
         "linkedin": {"user": {"userIds": [{"idType": "SHA256_EMAIL", "idValue": "h"}],
                               "userInfo": {"firstName": "x"}}},
         "snapchat": {"user_data": {"ph": "h", "client_ip_address": "ip"}},
+        "pinterest": {"user_data": {"em": ["h"], "client_user_agent": "ua"}},
+        "reddit": {"user": {"email": "h", "phone_number": "h", "ip_address": "h"},
+                   "click_id": "c"},
     }
     found = {}
     for kind, body in bodies.items():
@@ -85,7 +88,8 @@ def test_coverage_names_identifiers_alike_across_platforms() -> None:
     assert found == {"meta": {"email", "phone", "fbc"}, "tiktok": {"email", "phone", "lead_id"},
                      "google_datamanager": {"email", "gclid"},
                      "google_ads": {"phone", "gclid"}, "linkedin": {"email", "user_info"},
-                     "snapchat": {"phone", "ip"}}
+                     "snapchat": {"phone", "ip"}, "pinterest": {"email", "user_agent"},
+                     "reddit": {"email", "phone", "ip", "click_id"}}
 
 
 def test_status_and_pages_read_the_state_store(world: World) -> None:

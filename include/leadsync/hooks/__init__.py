@@ -156,3 +156,21 @@ class LeadsyncSnapchatHook(_TypedDestinationHook):
     hook_name = "leadsync: Snap Conversions API"
     default_conn_name = "leadsync_snapchat"
     destination_type_name = "snapchat"
+
+
+class LeadsyncPinterestHook(_TypedDestinationHook):
+    """Connection type ``leadsync_pinterest``: Pinterest Conversions API."""
+
+    conn_type = "leadsync_pinterest"
+    hook_name = "leadsync: Pinterest Conversions API"
+    default_conn_name = "leadsync_pinterest"
+    destination_type_name = "pinterest"
+
+
+class LeadsyncRedditHook(_TypedDestinationHook):
+    """Connection type ``leadsync_reddit``: Reddit Conversions API."""
+
+    conn_type = "leadsync_reddit"
+    hook_name = "leadsync: Reddit Conversions API"
+    default_conn_name = "leadsync_reddit"
+    destination_type_name = "reddit"

@@ -126,10 +126,38 @@ CONNECTION_TYPES["snapchat"] = {
     },
 }
 
+CONNECTION_TYPES["pinterest"] = {
+    "hook-name": "leadsync: Pinterest Conversions API",
+    "conn-fields": {
+        "ad_account_id": _text("Ad account id", "The ad account the events go to (digits)."),
+        "test": _flag("Test mode", "Pinterest validates the events and records none (the Test "
+                      "button then sends one)."),
+    },
+    "ui-field-behaviour": {
+        "hidden-fields": ["schema", "port", "login", "extra"],
+        "relabeling": {"host": "API base URL", "password": "Conversions access token"},
+        "placeholders": {"host": "https://api.pinterest.com"},
+    },
+}
+CONNECTION_TYPES["reddit"] = {
+    "hook-name": "leadsync: Reddit Conversions API",
+    "conn-fields": {
+        "pixel_id": _text("Pixel id", "The Reddit pixel the events go to."),
+        "test_id": _text("Test id", "From Events Manager's test view: events go there only "
+                         "(the Test button then sends one)."),
+    },
+    "ui-field-behaviour": {
+        "hidden-fields": ["schema", "port", "login", "extra"],
+        "relabeling": {"host": "API base URL", "password": "Conversions access token"},
+        "placeholders": {"host": "https://ads-api.reddit.com"},
+    },
+}
+
 HOOK_CLASSES = {"meta": "LeadsyncMetaHook", "tiktok": "LeadsyncTikTokHook",
                 "google_datamanager": "LeadsyncGoogleDataManagerHook",
                 "google_ads": "LeadsyncGoogleAdsHook", "linkedin": "LeadsyncLinkedInHook",
-                "snapchat": "LeadsyncSnapchatHook"}
+                "snapchat": "LeadsyncSnapchatHook", "pinterest": "LeadsyncPinterestHook",
+                "reddit": "LeadsyncRedditHook"}
 
 
 def conn_type(destination_type: str) -> str:
@@ -171,7 +199,8 @@ def harmless_credentials(destination_type: str, creds: Any) -> Any | None:
     set. LinkedIn has none: its fields are checked only."""
     if destination_type in ("google_datamanager", "google_ads"):
         return dataclasses.replace(creds, validate_only=True)
-    if getattr(creds, "test_event_code", None) or getattr(creds, "test_mode", False):
+    if (getattr(creds, "test_event_code", None) or getattr(creds, "test_mode", False)
+            or getattr(creds, "test_id", None) or getattr(creds, "test", False) is True):
         return creds
     return None
 

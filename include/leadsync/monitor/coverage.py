@@ -19,6 +19,7 @@ _NAMES = {
     "db": "date_of_birth", "ge": "gender", "client_ip_address": "ip",
     "client_user_agent": "user_agent", "addressInfo": "address",
     "SHA256_EMAIL": "email", "LINKEDIN_FIRST_PARTY_ADS_TRACKING_UUID": "li_fat_id",
+    "phone_number": "phone", "ip_address": "ip",
 }
 _CLICK_IDS = ("gclid", "gbraid", "wbraid")
 
@@ -29,8 +30,10 @@ def _listed(identifiers: Iterable[Mapping[str, Any]]) -> set[str]:
 
 def event_keys(destination_type: str, body: Mapping[str, Any]) -> set[str]:
     """The identifier names an event body carries, in the platform's own words."""
-    if destination_type in ("meta", "snapchat"):
+    if destination_type in ("meta", "snapchat", "pinterest"):
         return set(body.get("user_data", {}))
+    if destination_type == "reddit":
+        return set(body.get("user", {})) | ({"click_id"} if "click_id" in body else set())
     if destination_type == "linkedin":
         user = body.get("user", {})
         keys = {str(item.get("idType")) for item in user.get("userIds", [])}
