@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
@@ -20,6 +21,26 @@ def raw_text(row: Mapping[str, Any], column: str) -> str | None:
         return None
     text = str(value).strip()
     return text or None
+
+
+def base_url(host: str | None, default: str) -> str:
+    """The API base URL of a connection: its host (https assumed when no scheme is given, no
+    trailing slash), else the platform's ``default``."""
+    base = (host or default).strip().rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        base = f"https://{base}"
+    return base
+
+
+def client_ip(row: Mapping[str, Any]) -> str | None:
+    """The row's ``client_ip`` in canonical form, or None when absent or not an IP address."""
+    text = raw_text(row, "client_ip")
+    if text is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
 
 
 def is_true(value: Any) -> bool:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from leadsync.destinations.base import CredentialsError, FatalDestinationError
-from leadsync.destinations.common import duration_seconds
+from leadsync.destinations.common import base_url, duration_seconds
 
 DATAMANAGER_SCOPE = "https://www.googleapis.com/auth/datamanager"
 ADWORDS_SCOPE = "https://www.googleapis.com/auth/adwords"
@@ -201,9 +201,7 @@ def parse_google_connection(
     scope: str,
 ) -> GoogleCredentials:
     """Validates a ``leadsync_google`` connection; the error names the field to fix."""
-    base = (host or default_base_url).strip().rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        base = f"https://{base}"
+    base = base_url(host, default_base_url)
     scopes = (scope,)
     static = _optional_str(extra, "access_token")
     info = _service_account_info(password, extra)

@@ -51,6 +51,7 @@ from leadsync.destinations.base import (
     Skip,
 )
 from leadsync.destinations.common import (
+    base_url,
     currency_code,
     is_true,
     load_json,
@@ -138,9 +139,7 @@ def parse_credentials(
     if not _VERSION_RE.match(version):
         raise CredentialsError(f"connection extra 'api_version' must be a LinkedIn-Version "
                                f"like '{DEFAULT_API_VERSION}' (YYYYMM), got {version!r}")
-    base = (host or DEFAULT_BASE_URL).strip().rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        base = f"https://{base}"
+    base = base_url(host, DEFAULT_BASE_URL)
     return LinkedInCredentials(base, password, version)
 
 

@@ -25,6 +25,7 @@ from leadsync.destinations.base import (
     SendResult,
     Skip,
 )
+from leadsync.destinations.common import base_url
 from leadsync.identity import META_RULES, hash_identifiers
 
 if TYPE_CHECKING:
@@ -97,9 +98,7 @@ def parse_credentials(
         raise CredentialsError(
             f"connection extra 'api_version' must look like 'v25.0', got {version!r}"
         )
-    base = (host or DEFAULT_BASE_URL).strip().rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        base = f"https://{base}"
+    base = base_url(host, DEFAULT_BASE_URL)
     test_code = extra.get("test_event_code")
     if test_code is not None and not isinstance(test_code, str):
         raise CredentialsError("connection extra 'test_event_code' must be a string")

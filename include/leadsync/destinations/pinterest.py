@@ -49,7 +49,6 @@ Choices and UNVERIFIED points:
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,6 +64,8 @@ from leadsync.destinations.base import (
     Skip,
 )
 from leadsync.destinations.common import (
+    base_url,
+    client_ip,
     currency_code,
     is_true,
     load_json,
@@ -195,9 +196,7 @@ def parse_credentials(
     test = extra.get("test", False)
     if not isinstance(test, bool):
         raise CredentialsError("connection extra 'test' must be true or false")
-    base = (host or DEFAULT_BASE_URL).strip().rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        base = f"https://{base}"
+    base = base_url(host, DEFAULT_BASE_URL)
     return PinterestCredentials(base, password, account, test)
 
 
@@ -206,16 +205,6 @@ def check_row(row: Mapping[str, Any], dest: DestinationConfig) -> Skip | None:
     if is_true(row.get("opted_out")):
         return Skip("opted_out")
     return None
-
-
-def _ip(row: Mapping[str, Any]) -> str | None:
-    text = raw_text(row, "client_ip")
-    if text is None:
-        return None
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
 
 
 def build_event(
@@ -227,7 +216,7 @@ def build_event(
 ) -> dict[str, Any]:
     """One ``data[]`` event: identifiers hashed in lists, IP, user agent and click id raw."""
     user: dict[str, Any] = dict(hash_identifiers_as_lists(row, PINTEREST_RULES))
-    ip = _ip(row)
+    ip = client_ip(row)
     if ip:
         user["client_ip_address"] = ip
     agent = raw_text(row, "user_agent")

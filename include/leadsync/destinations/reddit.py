@@ -58,6 +58,7 @@ from leadsync.destinations.base import (
     Skip,
 )
 from leadsync.destinations.common import (
+    base_url,
     currency_code,
     is_true,
     load_json,
@@ -183,9 +184,7 @@ def parse_credentials(
     test_id = extra.get("test_id")
     if test_id is not None and not isinstance(test_id, str):
         raise CredentialsError("connection extra 'test_id' must be a string")
-    base = (host or DEFAULT_BASE_URL).strip().rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        base = f"https://{base}"
+    base = base_url(host, DEFAULT_BASE_URL)
     return RedditCredentials(base, password, pixel, (test_id or "").strip() or None)
 
 

@@ -42,7 +42,6 @@ Snap's SDK model).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,6 +58,8 @@ from leadsync.destinations.base import (
     Skip,
 )
 from leadsync.destinations.common import (
+    base_url,
+    client_ip,
     currency_code,
     is_true,
     load_json,
@@ -165,9 +166,7 @@ def parse_credentials(
     test_mode = extra.get("test_mode", False)
     if not isinstance(test_mode, bool):
         raise CredentialsError("connection extra 'test_mode' must be true or false")
-    base = (host or DEFAULT_BASE_URL).strip().rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        base = f"https://{base}"
+    base = base_url(host, DEFAULT_BASE_URL)
     return SnapchatCredentials(base, password, pixel, test_mode)
 
 
@@ -176,16 +175,6 @@ def check_row(row: Mapping[str, Any], dest: DestinationConfig) -> Skip | None:
     if is_true(row.get("opted_out")):
         return Skip("opted_out")
     return None
-
-
-def _ip(row: Mapping[str, Any]) -> str | None:
-    text = raw_text(row, "client_ip")
-    if text is None:
-        return None
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
 
 
 def build_event(
@@ -201,7 +190,7 @@ def build_event(
         text = raw_text(row, column)
         if text and _RAW_ID_RE.match(text):
             user[column] = text
-    ip = _ip(row)
+    ip = client_ip(row)
     if ip:
         user["client_ip_address"] = ip
     agent = raw_text(row, "user_agent")

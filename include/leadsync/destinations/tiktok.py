@@ -16,7 +16,6 @@ sender drops before resending the rest); other codes are permanent.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from leadsync.destinations.base import (
     Skip,
 )
 from leadsync.destinations.common import (
+    base_url,
+    client_ip,
     currency_code,
     is_true,
     load_json,
@@ -115,9 +116,7 @@ def parse_credentials(
     test_code = extra.get("test_event_code")
     if test_code is not None and not isinstance(test_code, str):
         raise CredentialsError("connection extra 'test_event_code' must be a string")
-    base = (host or DEFAULT_BASE_URL).strip().rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        base = f"https://{base}"
+    base = base_url(host, DEFAULT_BASE_URL)
     return TikTokCredentials(base, password, source_id, (test_code or "").strip() or None)
 
 
@@ -126,16 +125,6 @@ def check_row(row: Mapping[str, Any], dest: DestinationConfig) -> Skip | None:
     if is_true(row.get("opted_out")):
         return Skip("opted_out")
     return None
-
-
-def _ip(row: Mapping[str, Any]) -> str | None:
-    text = raw_text(row, "client_ip")
-    if text is None:
-        return None
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
 
 
 def build_event(
@@ -151,7 +140,7 @@ def build_event(
         text = raw_text(row, column)
         if text:
             user[key] = text
-    ip = _ip(row)
+    ip = client_ip(row)
     if ip:
         user["ip"] = ip
 
