@@ -6,8 +6,8 @@ platform expects, or ``None`` when the value is empty or unusable (the field is 
 never hashed). A :class:`Ruleset` lists, per platform, which source column feeds which payload
 key, how it is normalised and whether it is hashed; :func:`hash_identifiers` applies one to a row.
 
-Decisions (the platform rules are in the shared platform reference, platforms.md §1.3, §2.3,
-§3.3 and the cheat-sheet in §4):
+Decisions (the platform rules are in ``docs/platforms.md``: §1 Meta, §2 TikTok, §3 and §4
+Google, and the common rules at its top):
 
 * Only SHA-256 hex (64 chars, any case) counts as "already hashed" and passes through lowercased.
   The Meta SDK also passes 32-hex MD5 through, but a 32-hex value is just as likely a raw id (a
@@ -1242,7 +1242,7 @@ def _compile_rules(name: str, steps: tuple[_Step, ...], as_lists: bool) -> Calla
     return apply
 
 
-#: Meta Conversions API ``user_data`` (platforms.md §1.3). ``ph`` is E.164 without '+'.
+#: Meta Conversions API ``user_data`` (docs/platforms.md §1). ``ph`` is E.164 without '+'.
 META_RULES: Final = Ruleset(
     "meta",
     (
@@ -1260,7 +1260,7 @@ META_RULES: Final = Ruleset(
     ),
 )
 
-#: TikTok Events API ``user`` (platforms.md §2.3): phone keeps its '+'.
+#: TikTok Events API ``user`` (docs/platforms.md §2): phone keeps its '+'.
 TIKTOK_RULES: Final = Ruleset(
     "tiktok",
     (
@@ -1270,7 +1270,7 @@ TIKTOK_RULES: Final = Ruleset(
     ),
 )
 
-#: Google Ads ``user_identifiers`` (platforms.md §3.3): gmail rule on email, phone with '+'.
+#: Google Ads ``user_identifiers`` (docs/platforms.md §3): gmail rule on email, phone with '+'.
 GOOGLE_RULES: Final = Ruleset(
     "google",
     (

@@ -136,14 +136,14 @@ def test_crm_event_shape() -> None:
 
 
 def test_crm_event_hashes_identifiers_as_hex_strings() -> None:
-    # Meta takes each hashed field as a string or a list of strings (platforms.md §1).
+    # Meta takes each hashed field as a string or a list of strings (docs/platforms.md §1).
     user = build(full_row())["user_data"]
 
     assert HASHED_KEYS <= set(user)
     for key in HASHED_KEYS:
         assert isinstance(user[key], str) and HEX64.match(user[key]), key
     assert user["em"] == sha("jane.doe@example.com")
-    assert user["ph"] == sha("16505551212")  # platforms.md §1.3 example
+    assert user["ph"] == sha("16505551212")  # docs/platforms.md §1 example
     assert user["zp"] == sha("94103")
     assert user["country"] == sha("us")
     assert user["ge"] == sha("f")

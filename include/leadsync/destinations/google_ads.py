@@ -5,7 +5,7 @@ For accounts still allowlisted for offline conversion import through the Google 
 conversion action id of ``customer_id``; a conversion carries ``order_id`` = leadsync's
 deterministic event id, ``conversion_date_time`` as ``yyyy-mm-dd hh:mm:ss+00:00``, the click
 id when the lead has one, hashed email and phone as ``user_identifiers`` (enhanced conversions
-for leads) and the row's consent. Facts: ``shared/platforms.md`` §3.
+for leads) and the row's consent. Facts: ``docs/platforms.md`` §3.
 
 ``partial_failure`` is always true (Google requires it): a 200 response may carry a
 ``partialFailureError`` whose errors name failed rows by ``location.fieldPathElements``

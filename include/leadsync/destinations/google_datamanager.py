@@ -1,7 +1,7 @@
 """Google Ads conversions through the Data Manager API (``POST /v1/events:ingest``).
 
 The default path to Google Ads: since 2026-06-15 Google takes new adopters of offline
-conversion import only through Data Manager (``shared/platforms-extra.md`` §1). OAuth scope
+conversion import only through Data Manager (``docs/platforms.md`` §4). OAuth scope
 ``datamanager``, no developer token, the manager account in the body (``loginAccount``).
 
 One request carries the events of several stages: each mapped stage is a conversion action
@@ -61,7 +61,7 @@ DEFAULT_BASE_URL = "https://datamanager.googleapis.com"
 INGEST_PATH = "/v1/events:ingest"
 STATUS_PATH = "/v1/requestStatus:retrieve"
 # 2,000 events per request (the proto and the limits page; a 10,000 figure elsewhere is a
-# CONFLICT, platforms-extra.md §1.6). The age window is UNVERIFIED for Data Manager; 90 days is
+# CONFLICT, docs/platforms.md §4). The age window is UNVERIFIED for Data Manager; 90 days is
 # the longest Google Ads click-through window, beyond which no conversion can be attributed.
 # A resent transactionId adjusts the same conversion, with no documented expiry.
 LIMITS = Limits(max_batch_events=2000, max_event_age=timedelta(days=90), dedup_window=None)

@@ -3,7 +3,7 @@
 Two shapes, chosen per destination: ``crm`` (Conversion Leads: ``action_source``
 ``system_generated``, ``custom_data.event_source`` ``crm``, ``lead_event_source`` = the CRM's
 name, ``user_data.lead_id`` raw) and ``website`` (needs the browser's user agent and page URL).
-Facts: ``shared/platforms.md`` §1.
+Facts: ``docs/platforms.md`` §1.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ _LEAD_ID_RE = re.compile(r"^\d{15,17}$")
 _FBC_RE = re.compile(r"^fb\.\d+\.\d+\..+$")
 _CURRENCY_RE = re.compile(r"^[A-Za-z]{3}$")
 
-# Graph error codes (shared/platforms.md §1.6).
+# Graph error codes (docs/platforms.md §1).
 _TRANSIENT_CODES = frozenset({1, 2, 4, 17, 32, 341, 368, 613, 5000, 21009, 80003})
 _THROTTLE_CODES = frozenset({4, 17, 32, 613, 80003})
 _FATAL_CODES = frozenset({10, 102, 190, 200, 294})
@@ -143,7 +143,7 @@ def build_event(
     """One ``data[]`` event.
 
     Hashed ``user_data`` fields are single hex strings: Meta takes a string or a list of
-    strings for each (platforms.md §1), leadsync has one value per field, and the SDK's
+    strings for each (docs/platforms.md §1), leadsync has one value per field, and the SDK's
     one-element lists cost an object per field per event and 4 bytes on the wire.
 
     Runs for every row: the raw fields are read inline (same rules as :func:`_raw`: text,

@@ -4,7 +4,7 @@ Two shapes, chosen per destination like Meta's: ``crm`` (``event_source`` ``crm`
 set id as ``event_source_id``, ``lead {lead_id, lead_event_source}``) and ``website``
 (``event_source`` ``web``, the pixel code, ``page.url``). Identifiers follow TikTok's rules
 (email trim+lowercase, phone E.164 *with* ``+``, external_id hashed; click id, ``_ttp``, IP and
-user agent raw). Facts: ``shared/platforms.md`` §2.
+user agent raw). Facts: ``docs/platforms.md`` §2.
 
 TikTok answers HTTP 200 even for errors and puts the outcome in the body ``code``: 0 (and
 20001, which RudderStack also treats as success) accepted; 40100 throttled (retried with
@@ -49,9 +49,9 @@ if TYPE_CHECKING:
 TYPE = "tiktok"
 DEFAULT_BASE_URL = "https://business-api.tiktok.com"
 TRACK_PATH = "/open_api/v1.3/event/track/"
-# 1,000 events per request (platforms.md §2.4). TikTok's age limit is UNVERIFIED; 28 days is
+# 1,000 events per request (docs/platforms.md §2). TikTok's age limit is UNVERIFIED; 28 days is
 # its longest attribution window (third-party docs): older events would not be attributed.
-# Same event + event_id within 48 hours is deduplicated (§2.5).
+# Same event + event_id within 48 hours is deduplicated (docs/platforms.md §2).
 LIMITS = Limits(max_batch_events=1000, max_event_age=timedelta(days=28),
                 dedup_window=timedelta(hours=48))
 

@@ -1,6 +1,6 @@
 """Google Ads API emulator: ``POST /{version}/customers/{customer_id}:uploadClickConversions``.
 
-Strict like the Meta emulator (``/work/shared/platforms.md`` §3): REST JSON names of
+Strict like the Meta emulator (``docs/platforms.md`` §3): REST JSON names of
 ``UploadClickConversionsRequest`` / ``ClickConversion`` (lowerCamel or snake_case), enum names,
 hash format, account, version and allowlist checks.
 

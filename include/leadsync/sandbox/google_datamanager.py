@@ -1,7 +1,7 @@
 """Google Data Manager API emulator: ``POST /v1/events:ingest`` and
 ``GET /v1/requestStatus:retrieve``.
 
-Strict like the Meta emulator (``/work/shared/platforms-extra.md`` §1): JSON field names of the
+Strict like the Meta emulator (``docs/platforms.md`` §4): JSON field names of the
 ``google.ads.datamanager.v1`` protos (lowerCamel or snake_case, as Google's JSON parser takes
 both), enum names, hash encoding, account and conversion action checks.
 

@@ -1,7 +1,7 @@
 """Meta Conversions API emulator: ``POST /{version}/{pixel_id}/events``.
 
 Validation is strict on purpose: a payload this emulator accepts should be one Meta accepts
-(``/work/shared/platforms.md`` §1). Any invalid event rejects the WHOLE request, as Meta does, with
+(``docs/platforms.md`` §1). Any invalid event rejects the WHOLE request, as Meta does, with
 the Graph error envelope and HTTP 400::
 
     {"error": {"message", "type", "code", "error_subcode", "is_transient", "error_user_title",
@@ -12,7 +12,7 @@ Per-event errors name the event and field at the start of ``error_user_msg`` as
 invalid event (in index order) is reported. A client isolates bad events by matching
 ``data\\[(\\d+)\\]``.
 
-Error codes. Sourced from platforms.md: 190 (bad token), 100/33 (unknown pixel), 100/2804003
+Error codes. Sourced from docs/platforms.md §1: 190 (bad token), 100/33 (unknown pixel), 100/2804003
 (event too old), 100/2804009 (Purchase without value/currency), throttling codes 4/17/80003.
 Sandbox choices (Meta's exact subcodes for these cases are UNVERIFIED; clients should key on
 ``code``, ``is_transient`` and the ``data[i]`` prefix, not on these subcodes):

@@ -1,7 +1,7 @@
 """TikTok Events API 2.0 emulator: ``POST /open_api/v1.3/event/track/``.
 
 Strict like the Meta emulator: a payload it accepts should be one TikTok accepts
-(``/work/shared/platforms.md`` §2). TikTok answers **HTTP 200** for errors too and puts the
+(``docs/platforms.md`` §2). TikTok answers **HTTP 200** for errors too and puts the
 outcome in the body: ``{"code", "message", "request_id", "data"}``.
 
 =======  ======================================================================================
