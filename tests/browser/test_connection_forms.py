@@ -60,6 +60,8 @@ def test_each_destination_type_has_a_form_with_its_real_fields(api_server: ApiSe
                                 "validate_only", "developer_token", "api_version"},
         "leadsync_linkedin": {"api_version"},
         "leadsync_snapchat": {"pixel_id", "test_mode"},
+        "leadsync_pinterest": {"ad_account_id", "test"},
+        "leadsync_reddit": {"pixel_id", "test_id"},
     }
     meta = forms["leadsync_meta"]
     assert meta["hook_name"] == "leadsync: Meta Conversions API"

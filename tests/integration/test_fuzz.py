@@ -242,7 +242,17 @@ def test_one_undecodable_optional_field_costs_one_quarantine_entry(
     watermark = store.get_watermark("meta")
     assert watermark is not None and watermark.ts >= to_utc(entry.source_ts)
     # Later runs are unaffected: new rows go out, the bad one costs nothing more.
+    # add_changes (demo tooling) reads a random sample of existing leads with the strict
+    # driver; the bad byte is set aside while it reads and put back (updated_at untouched).
+    key = {"l": bad.lead_id, "s": bad.stage}
+    with wh.begin() as conn:
+        conn.execute(text("UPDATE crm_lead_stages SET first_name = 'A' "
+                          "WHERE lead_id = :l AND stage = :s"), key)
     demo_data.add_changes(wh, 5, datetime.now(UTC) - timedelta(minutes=3))
+    with wh.begin() as conn:
+        conn.execute(text("UPDATE crm_lead_stages SET first_name = CAST(:b AS TEXT) "
+                          "WHERE lead_id = :l AND stage = :s"),
+                     {"b": b"A\xff" + CANARY.encode(), **key})
     second = backend.run_dag()
     assert _state(second) == "success"
     assert store.get_run(second.run_id, "meta")["counts"].get("staged", 0) >= 1
