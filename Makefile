@@ -13,8 +13,11 @@ $(BIN)/python:
 
 # Installs the pinned lock (runtime + dev) and leadsync itself, editable.
 # The stamp makes re-runs instant until a lock file changes.
+# --compile-bytecode: uv does not write .pyc files (pip does), and with PYTHONDONTWRITEBYTECODE
+# set nothing writes them later, so every task process would compile Airflow and Great
+# Expectations from source (measured: `import great_expectations` 8.7 s without, 4.1 s with).
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml | $(BIN)/python
-	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.txt -r requirements-dev.txt
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -r requirements.txt -r requirements-dev.txt
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
 	touch $@
 

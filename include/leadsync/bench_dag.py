@@ -318,7 +318,10 @@ def run_case(backend: str, rows: int, pg_admin_url: str, sink: _Sink, *,
             case.delivered = int(summary.get("delivered", 0))
             _check(case, summary, sink)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("LEADSYNC_BENCH_KEEP"):  # the logs and databases, to look into
+            print(f"      (kept {work})")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return case
 
 
