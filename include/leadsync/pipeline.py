@@ -519,13 +519,11 @@ class _StagePass:
             return
         self.seq += 1
         batch_id = uuid.uuid4().hex
-        records = [LedgerRecord(r.event_id, r.lead_id, r.stage, r.event_name, PENDING,
-                                r.source_ts, r.event_time, batch_id=batch_id)
-                   for r in self.records]
         with self.timer("state"):
             # The ledger was looked up when these rows were decided, under the lease.
+            # The records get the batch id from stage_batch (not built again with it).
             self.state.stage_batch(self.name, self.run_id, batch_id, self.seq, self.envelopes,
-                                   records, self.prev, status=BATCH_HELD,
+                                   self.records, self.prev, status=BATCH_HELD,
                                    existing=self.existing)
         self.counts["batches"] += 1
         self.envelopes, self.records, self.ids, self.prev = [], [], set(), None

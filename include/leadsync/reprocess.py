@@ -263,9 +263,8 @@ class Reprocessor:
                 return
             batch_id = uuid.uuid4().hex
             if req.mode != "dry_run":
-                staged = [dataclasses.replace(r, batch_id=batch_id) for r in records]
                 self.state.stage_batch(self.dest.name, run_id, batch_id, len(batch_ids) + 1,
-                                       list(envelopes), staged, None)
+                                       list(envelopes), list(records), None)
             batch_ids.append(batch_id)
             counts["staged"] += len(envelopes)
             envelopes.clear()

@@ -33,7 +33,7 @@ from leadsync.state.model import (
     utcnow,
 )
 from leadsync.state.runs import _update_run
-from leadsync.state.schema import UTCDateTime, ledger, outbox
+from leadsync.state.schema import UTCDateTime, driver_time, ledger, outbox
 
 # Ledger rows per statement when outcomes are written.
 _OUTCOME_CHUNK = 2000
@@ -219,10 +219,7 @@ def _write_outcomes(conn: Connection, destination: str, outcomes: Mapping[str, E
     # One prepared statement run by the driver for every event (sqlite3's executemany loops
     # in C); through SQLAlchemy's executemany the per-row parameter processing in Python
     # cost more than the updates (50 of 76 ms per 1,000 events).
-    to_db = ledger.c.updated_at.type.bind_processor(conn.dialect)
-    when = to_db(now) if to_db is not None else now
-    if isinstance(when, datetime):
-        when = when.isoformat(" ")  # what sqlite3's datetime adapter stores; done once
+    when = driver_time(now, conn.dialect)  # formatted once
     conn.exec_driver_sql(
         "UPDATE ls_ledger SET status = ?, reason = ?, detail = ?, updated_at = ?, "
         "attempts = attempts + 1, "
