@@ -37,6 +37,8 @@ from leadsync.state.schema import UTCDateTime, driver_time, ledger, outbox
 
 # Ledger rows per statement when outcomes are written.
 _OUTCOME_CHUNK = 2000
+# An event the request did not answer for stays pending.
+_NO_OUTCOME = EventOutcome(PENDING)
 
 
 class OutcomePart(StorePart):
@@ -159,7 +161,7 @@ class OutcomePart(StorePart):
             _write_outcomes(conn, batch.destination, outcomes, now)
             remaining = [
                 e for e in batch.events
-                if outcomes.get(_event_key(e), EventOutcome(PENDING)).status == PENDING
+                if outcomes.get(_event_key(e), _NO_OUTCOME).status == PENDING
             ]
             values_: dict[str, Any] = {"attempts": outbox.c.attempts + 1, "updated_at": now}
             if remaining:
