@@ -42,6 +42,7 @@ from leadsync.state import (
     LedgerEntry,
     LedgerRecord,
     QuarantineRecord,
+    StagedBatch,
     StateStore,
     utcnow,
 )
@@ -318,6 +319,8 @@ _PASS_COUNTERS = ("read", "staged", "batches", "skipped", "expired", "in_flight"
 
 
 _NO_BODY: dict[str, Any] = {}  # a waiting row's plan keeps its encoded envelope instead
+# Held outbox batches written per transaction by the check pass (see _StagePass.write).
+_BATCHES_PER_COMMIT = 10
 
 
 class _Item(msgspec.Struct, gc=False):
@@ -366,6 +369,8 @@ class _StagePass:
         self.records: list[LedgerRecord] = []
         self.ids: set[str] = set()
         self.existing: set[str] = set()  # ids of the batch being filled the ledger holds
+        self.staged: list[StagedBatch] = []  # full batches not written yet (see write)
+        self.staged_existing: set[str] = set()  # their ids the ledger holds
         self.group_ids: set[str | None] = set()  # ids decided in the current group
         self.prev: Cursor | None = None
         self.seq = 0
@@ -507,6 +512,8 @@ class _StagePass:
                     item.cursor.ts, plan.event_time))
                 if len(self.envelopes) >= self.size:
                     self.flush()
+        # Before the next group's lookup: it must find what this group staged.
+        self.write()
         with self.timer("state"):
             if terminal:
                 self.state.record_terminal(self.name, self.run_id, terminal)
@@ -514,22 +521,36 @@ class _StagePass:
                 self.state.quarantine_rows(self.name, self.run_id, quarantined)
 
     def flush(self) -> None:
-        """Writes the batch being filled as a held outbox batch with its pending ledger rows."""
+        """Queues the batch being filled as a held outbox batch with its pending ledger rows
+        (written by :meth:`write`, at the latest when the group being decided ends)."""
         if not self.envelopes:
             return
         self.seq += 1
-        batch_id = uuid.uuid4().hex
-        with self.timer("state"):
-            # The ledger was looked up when these rows were decided, under the lease.
-            # The records get the batch id from stage_batch (not built again with it).
-            self.state.stage_batch(self.name, self.run_id, batch_id, self.seq, self.envelopes,
-                                   self.records, self.prev, status=BATCH_HELD,
-                                   existing=self.existing)
+        self.staged.append(StagedBatch(uuid.uuid4().hex, self.seq, self.envelopes, self.records,
+                                       self.prev))
+        self.staged_existing |= self.existing
         self.counts["batches"] += 1
         self.envelopes, self.records, self.ids, self.prev = [], [], set(), None
         self.existing = set()
-        rounds, rest = divmod(self.seq, 50)
-        if rest == 0 and rounds & (rounds - 1) == 0:
+        if len(self.staged) >= _BATCHES_PER_COMMIT:
+            self.write()
+
+    def write(self) -> None:
+        """Writes the queued batches in one transaction.
+
+        They are held: nothing of them is sent before the verdict, and a check that dies
+        before it discards what it staged, so how many batches share a commit changes no
+        guarantee (it saves SQLite rewriting the ledger's index pages once per batch).
+        """
+        if not self.staged:
+            return
+        with self.timer("state"):
+            # The ledger was looked up when these rows were decided, under the lease.
+            self.state.stage_batches(self.name, self.run_id, self.staged, status=BATCH_HELD,
+                                     existing=self.staged_existing)
+        seqs = [batch.seq for batch in self.staged]
+        self.staged, self.staged_existing = [], set()
+        if any(seq % 50 == 0 and (seq // 50) & (seq // 50 - 1) == 0 for seq in seqs):
             # A backfill outgrows the planner's statistics: refreshed after 50, 100, 200, 400…
             # batches, so they never lag the ledger by more than half while it grows, without
             # an ANALYZE (~0.1 s each, sampling a fixed number of rows) every 50 batches.
@@ -541,6 +562,7 @@ class _StagePass:
         """Decides what still waits (all validated by now) and writes the last batch."""
         self.decide(self.position)
         self.flush()
+        self.write()
 
     def resolve_quarantine(self) -> int:
         """Resolves the open quarantine entries whose rows passed this time; returns how many."""

@@ -39,6 +39,7 @@ from leadsync.state.model import (
     LedgerEntry,
     LedgerRecord,
     QuarantineRecord,
+    StagedBatch,
     json_lead_id,
     utcnow,
 )
@@ -70,9 +71,9 @@ __all__ = [
     "BATCH_DONE", "BATCH_HELD", "BATCH_PENDING", "DELIVERED", "EXPIRED", "FAILED", "MIGRATIONS",
     "PENDING", "REEVALUATE", "REQUEST_SENT", "SCHEMA_VERSION", "SKIPPED", "TERMINAL", "Batch",
     "Cursor", "EventOutcome", "LeaseBusyError", "LedgerEntry", "LedgerRecord", "QuarantineRecord",
-    "StateStore", "UTCDateTime", "alert_states", "json_lead_id", "leases", "ledger", "metadata",
-    "outbox", "platform_requests", "quarantine", "run_coverage", "runs", "schema_version",
-    "utcnow", "watermarks",
+    "StagedBatch", "StateStore", "UTCDateTime", "alert_states", "json_lead_id", "leases",
+    "ledger", "metadata", "outbox", "platform_requests", "quarantine", "run_coverage", "runs",
+    "schema_version", "utcnow", "watermarks",
 ]
 
 

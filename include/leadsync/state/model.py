@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -85,6 +85,18 @@ class LedgerRecord:
     reason: str | None = None
     detail: str | None = None
     batch_id: str | None = None
+
+
+@dataclass(frozen=True)
+class StagedBatch:
+    """An outbox batch to write: its envelopes and their pending ledger rows (written with
+    this batch's id), and the cursor of the last row read before its first event."""
+
+    batch_id: str
+    seq: int
+    events: list[dict[str, Any]]
+    records: Sequence[LedgerRecord]
+    prev_cursor: Cursor | None
 
 
 @dataclass(frozen=True)
