@@ -308,6 +308,9 @@ class ContractConfig(_Strict):
     max_quarantined_rows: int = Field(default=10_000, ge=0)
     # Rows per Great Expectations validation: the memory bound of the check.
     batch_rows: int = Field(default=50_000, ge=100, le=200_000)
+    # Validate in a worker process of the check task, on another core, while the task reads,
+    # plans and stages the next rows (false: in the task's own process, one core).
+    separate_process: bool = True
     # CRM stages that no destination sends (lost, disqualified, ...): skipped, not quarantined.
     known_stages: list[str] = []
     # Rule codes to turn off (structural rules cannot be turned off).

@@ -557,8 +557,9 @@ class _Contract:
     """
 
     def __init__(self, spec: quality.ContractSpec, run_id: str, now: datetime,
-                 columns: list[str], pass_: _StagePass) -> None:
+                 columns: list[str], pass_: _StagePass, *, separate_process: bool) -> None:
         self.spec = spec
+        self.separate_process = separate_process
         self.run_id = run_id
         self.now = now
         self.columns = columns
@@ -573,9 +574,18 @@ class _Contract:
         if self.session is None:
             with self.pass_.timer("gx_setup"):
                 # GX is imported once per process (seconds): the heartbeat keeps the lease.
-                self.session = quality.ContractSession(self.spec, self.run_id, self.now)
-                self.session.check_columns(self.columns)
+                # In a worker process, this pass waits for it only at the first verdict.
+                self.session = quality.ContractSession(
+                    self.spec, self.run_id, self.now, separate_process=self.separate_process)
+                # A missing column is known here; GX's own structure check, for the report,
+                # is waited for only when it decides something.
+                self.session.check_columns(self.columns, wait=not self.columns_ok)
         return self.session
+
+    def close(self) -> None:
+        """Frees the session's validator (a worker process goes back to the idle pool)."""
+        if self.session is not None:
+            self.session.close()
 
     def finish(self, aborted: str | None) -> quality.ContractReport:
         """The verdict; an empty, passing report when nothing was validated."""
@@ -692,13 +702,17 @@ class Pipeline:
             if contract.enabled:
                 spec = quality.ContractSpec.from_config(self.config, self.dest)
                 columns = quality.source_columns(self.warehouse, source.query)
-                lazy = _Contract(spec, run_id, self.clock(), columns, pass_)
-                aborted: str | None = None
-                if lazy.columns_ok:
-                    aborted = self._read_window(pass_, lazy, source, window,
-                                                run["watermark_before"])
-                with pass_.timer("verdict"):  # the last batch, the breaker, the Data Docs
-                    report = lazy.finish(aborted)
+                lazy = _Contract(spec, run_id, self.clock(), columns, pass_,
+                                 separate_process=contract.separate_process)
+                try:
+                    aborted: str | None = None
+                    if lazy.columns_ok:
+                        aborted = self._read_window(pass_, lazy, source, window,
+                                                    run["watermark_before"])
+                    with pass_.timer("verdict"):  # the last batch, the breaker, the Data Docs
+                        report = lazy.finish(aborted)
+                finally:
+                    lazy.close()
             else:
                 source.check_columns()
                 self._read_window(pass_, None, source, window, run["watermark_before"])
