@@ -21,11 +21,13 @@ import atexit
 import os
 import pickle
 import queue
+import resource
 import select
 import struct
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -146,6 +148,8 @@ class WorkerValidator:
     def __init__(self, spec: ContractSpec) -> None:
         self.worker = _acquire()
         self.expected: deque[str] = deque()  # the kind of each reply still to come
+        self.peak_rss_mb = 0.0  # the worker's, as of its last answer
+        self.seconds: dict[str, float] = {}  # the worker's busy time per kind of request
         self._call("suite", spec)  # the worker imports GX and builds the suite meanwhile
 
     @property
@@ -171,7 +175,9 @@ class WorkerValidator:
                 + (f" (exit code {code})" if code is not None else "")
                 + (f" ({self.worker.broken})" if self.worker.broken else "")
                 + " before answering; its error, if any, is in the task log above")
-        status, payload = message
+        status, payload, peak_kib, seconds = message
+        self.peak_rss_mb = max(self.peak_rss_mb, peak_kib / 1024)
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + seconds
         if status != "ok":
             raise ContractError(f"{payload} (in the contract worker, {kind})")
         return payload
@@ -235,6 +241,7 @@ def main() -> int:
     suite: _Suite | None = None
     while (message := _recv(0)) is not None:
         kind, *args = message
+        started = time.perf_counter()
         try:
             if kind == "suite":
                 suite = _Suite(args[0])
@@ -250,7 +257,8 @@ def main() -> int:
             reply = ("error", str(exc))
         except Exception as exc:  # noqa: BLE001 - reported to the task, which fails clearly
             reply = ("error", f"Great Expectations failed: {clean_error(exc)}")
-        _send(out, reply)
+        _send(out, (*reply, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                    time.perf_counter() - started))
     return 0
 
 

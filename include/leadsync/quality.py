@@ -357,7 +357,7 @@ class ContractSpec:
     failure_threshold: float = 0.2
     failure_min_rows: int = 20
     max_quarantined_rows: int = 10_000
-    batch_rows: int = 50_000
+    batch_rows: int = 10_000
     data_docs_dir: Path | None = None
     data_docs_keep: int = 100
 
@@ -1350,6 +1350,11 @@ class ContractSession:
             except Exception as exc:  # noqa: BLE001 - docs are a view; never fail the run on them
                 log.warning("could not build the Data Docs in %s: %s", spec.data_docs_dir,
                             clean_error(exc))
+        peak = getattr(self.validator, "peak_rss_mb", None)
+        if peak:
+            busy = {k: round(v, 3) for k, v in getattr(self.validator, "seconds", {}).items()}
+            log.info("the contract worker process peaked at %.0f MB of memory; its busy "
+                     "time (s): %s", peak, busy)
         self.close()
         return report
 
