@@ -154,6 +154,9 @@ class DestinationConfig(_Strict):
     # Push lanes per run: each lane is one task that drains pending outbox batches with one
     # HTTP session, so a run has this many push task instances whatever the backlog.
     push_lanes: int = Field(default=2, ge=1, le=64)
+    # Requests each lane keeps in flight (threads over its HTTP session): a platform takes a
+    # second or so to answer a full batch, which one request at a time would wait out.
+    requests_in_flight: int = Field(default=4, ge=1, le=32)
     # Google (google_datamanager, google_ads): the Google Ads account that owns the
     # conversion actions (the stage mapping's values), and the manager account the
     # credentials sign in through, if any. 10 digits; hyphens are dropped.
