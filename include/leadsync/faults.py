@@ -23,7 +23,7 @@ ENV_VAR = "LEADSYNC_CRASH_AT"
 POINTS = (
     "after_open",  # lease taken, run recorded, nothing read
     "after_stage_chunk",  # mid-extraction: some chunks staged, more to read
-    "after_stage_batch",  # an outbox batch and its ledger rows committed
+    "after_stage_batch",  # outbox batches (up to ten) and their ledger rows committed
     "after_stage",  # everything staged, run counters not yet recorded
     "before_send",  # a batch loaded, the request not sent
     "after_send_before_record",  # the platform has the events, the outcome is not recorded
