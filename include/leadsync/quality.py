@@ -1163,7 +1163,7 @@ class ContractSession:
         self.validator.submit("structure", {name: ("object", []) for name in names})
         self._in_flight.append((0, verdict))
         if wait:
-            self._collect(0)
+            self._collect(None)
             return not self.report.structural
         return all(c in names for c in REQUIRED_COLUMNS)
 
@@ -1207,7 +1207,7 @@ class ContractSession:
     def flush(self) -> list[Failure]:
         """Validates the rows projected so far and waits for every verdict."""
         self._submit()
-        return self._collect(0)
+        return self._collect(None)
 
     def _submit(self) -> None:
         batch, self._batch = self._batch, _Projection(self.spec, self.now)
@@ -1218,12 +1218,13 @@ class ContractSession:
             self._in_flight.append(
                 (len(batch), lambda results: self._verdicts(batch, outside, results)))
 
-    def _collect(self, keep: int) -> list[Failure]:
+    def _collect(self, keep: int | None) -> list[Failure]:
         """Takes verdicts in order: every one that is in, and waits until at most ``keep``
-        batches are left without one."""
+        batches of rows are left without one (None: until every verdict is in)."""
         failures: list[Failure] = []
-        while self._in_flight and (sum(1 for rows, _ in self._in_flight if rows) > keep
-                                   or self.validator.ready()):
+        while self._in_flight and (
+                keep is None or sum(1 for rows, _ in self._in_flight if rows) > keep
+                or self.validator.ready()):
             _, verdict = self._in_flight.popleft()
             failures += verdict(self.validator.take())
         return failures
