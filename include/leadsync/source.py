@@ -116,6 +116,8 @@ def to_utc(value: Any) -> datetime | None:
     """Coerces a warehouse timestamp (datetime, date or ISO text) to an aware UTC datetime."""
     if value is None:
         return None
+    if value.__class__ is datetime and value.tzinfo is UTC:  # the usual case, first
+        return value
     if isinstance(value, datetime):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     if isinstance(value, date):
@@ -139,6 +141,15 @@ def to_utc(value: Any) -> datetime | None:
     return None
 
 
+def _sqlite_ts(value: Any) -> datetime | None:
+    """:func:`to_utc` of SQLite's cursor text, ``strftime('%Y-%m-%d %H:%M:%f')`` (UTC): read
+    in one call, the offset appended (the general path costs several times more per row)."""
+    try:
+        return datetime.fromisoformat(value + "+00:00")
+    except (TypeError, ValueError):  # NULL, or a year fromisoformat refuses (0000)
+        return to_utc(value)
+
+
 class Source:
     """Reads the user's query in cursor order between a window's bounds."""
 
@@ -157,7 +168,9 @@ class Source:
             return ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:23]
         return ts
 
-    def _sql(self, lo: Cursor | None, exact: bool) -> str:
+    def _sql(self, lo: Cursor | None, exact: bool, *, ordered: bool = True) -> str:
+        """The page query; ``ordered=False``: the window's rows unordered and unlimited (for
+        an aggregate over them: sorting every column of every row costs more than the rest)."""
         ts = (
             "strftime('%Y-%m-%d %H:%M:%f', src.updated_at)"
             if self._sqlite
@@ -178,11 +191,11 @@ class Source:
                 )
             else:
                 where.append("w._ls_ts >= :lo_ts")
-        return (
-            f"SELECT * FROM (SELECT src.*, {ts} AS _ls_ts FROM ({self.query}) src) w "
-            f"WHERE {' AND '.join(where)} "
-            "ORDER BY w._ls_ts, w.lead_id, w.stage LIMIT :page"
-        )
+        rows = (f"SELECT * FROM (SELECT src.*, {ts} AS _ls_ts FROM ({self.query}) src) w "
+                f"WHERE {' AND '.join(where)}")
+        if not ordered:
+            return rows
+        return f"{rows} ORDER BY w._ls_ts, w.lead_id, w.stage LIMIT :page"
 
     def _params(self, window: Window, lo: Cursor | None, exact: bool) -> dict[str, Any]:
         params: dict[str, Any] = {"hi_ts": self._ts_param(window.hi), "page": self.page_size}
@@ -221,6 +234,7 @@ class Source:
         lo = window.lo
         exact = lo is not None and lo.lead_id is not None
         lenient = False
+        parse_ts = _sqlite_ts if self._sqlite else to_utc
         while True:
             params = self._params(window, lo, exact)
             n_page = 0
@@ -234,15 +248,20 @@ class Source:
                         result = conn.execution_options(
                             stream_results=True, yield_per=self.chunk_size
                         ).execute(text(self._sql(lo, exact)), params)
-                        for part in result.mappings().partitions(self.chunk_size):
+                        # Plain tuples zipped with the column names: a RowMapping per row,
+                        # turned into a dict, cost more than the rest of the read in Python.
+                        # _ls_ts is the last column (see _sql); zip(keys, ...) leaves it out.
+                        names = tuple(result.keys())
+                        keys = names[:-1]
+                        for part in result.partitions(self.chunk_size):
                             n_page += len(part)
                             chunk: list[dict[str, Any]] = []
-                            for mapping in part:
-                                row = dict(mapping)
+                            for values in part:
                                 if not lenient:
                                     # The cursor is the value the warehouse compares on
                                     # (SQLite: millisecond text), so resuming after it is exact.
-                                    ts = to_utc(row.pop("_ls_ts"))
+                                    row = dict(zip(keys, values))
+                                    ts = parse_ts(values[-1])
                                     if ts is not None:
                                         row["_cursor"] = Cursor(ts, row.get("lead_id"),
                                                                 str(row.get("stage")))
@@ -250,6 +269,7 @@ class Source:
                                         continue
                                     marker = _marker(row, None, ("updated_at",))
                                 else:
+                                    row = dict(zip(names, values))
                                     found = self._unreadable(row)
                                     if found is None:
                                         cursor = _cursor(row)
