@@ -176,8 +176,13 @@ class Source:
             if self._sqlite
             else "src.updated_at"
         )
-        where = ["w._ls_ts <= :hi_ts"]
+        # The lower bound is one BETWEEN with the upper one: SQLite computes _ls_ts (a strftime)
+        # once for it, not once per comparison, on every row of the window, for every page;
+        # Postgres seeks its index to the lower bound instead of walking the earlier pages'
+        # rows. Rows at exactly lo_ts are then ordered by the tie-breakers.
+        where = "w._ls_ts <= :hi_ts"
         if lo is not None:
+            where = "w._ls_ts BETWEEN :lo_ts AND :hi_ts"
             if exact:
                 # An undecodable key (SQLite, read leniently) is bound as its raw bytes and
                 # compared as text again, so that paging resumes exactly after it.
@@ -185,14 +190,10 @@ class Source:
                     else ":lo_lead"
                 stage = "CAST(:lo_stage AS TEXT)" if isinstance(lo.stage, _Undecodable) \
                     else ":lo_stage"
-                where.append(
-                    f"(w._ls_ts > :lo_ts OR (w._ls_ts = :lo_ts AND (w.lead_id > {lead}"
-                    f" OR (w.lead_id = {lead} AND w.stage > {stage}))))"
-                )
-            else:
-                where.append("w._ls_ts >= :lo_ts")
+                where += (f" AND (w._ls_ts > :lo_ts OR w.lead_id > {lead}"
+                          f" OR (w.lead_id = {lead} AND w.stage > {stage}))")
         rows = (f"SELECT * FROM (SELECT src.*, {ts} AS _ls_ts FROM ({self.query}) src) w "
-                f"WHERE {' AND '.join(where)}")
+                f"WHERE {where}")
         if not ordered:
             return rows
         return f"{rows} ORDER BY w._ls_ts, w.lead_id, w.stage LIMIT :page"
