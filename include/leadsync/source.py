@@ -160,6 +160,9 @@ class Source:
         self.chunk_size = chunk_size
         self.page_size = max(page_size, chunk_size)
         self._sqlite = engine.dialect.name == "sqlite"
+        # The column the keyset compares on: SQLite has no timestamp type, so its rows get one
+        # normalised copy of updated_at, _ls_ts (see _ts_param); elsewhere, updated_at.
+        self._ts_column = "_ls_ts" if self._sqlite else "updated_at"
 
     def _ts_param(self, ts: datetime) -> Any:
         # SQLite has no timestamp type: rows hold text, compared through strftime so that
@@ -171,18 +174,21 @@ class Source:
     def _sql(self, lo: Cursor | None, exact: bool, *, ordered: bool = True) -> str:
         """The page query; ``ordered=False``: the window's rows unordered and unlimited (for
         an aggregate over them: sorting every column of every row costs more than the rest)."""
-        ts = (
-            "strftime('%Y-%m-%d %H:%M:%f', src.updated_at)"
-            if self._sqlite
-            else "src.updated_at"
-        )
-        # The lower bound is one BETWEEN with the upper one: SQLite computes _ls_ts (a strftime)
-        # once for it, not once per comparison, on every row of the window, for every page;
+        if self._sqlite:
+            # The cursor column _ls_ts comes last: the stream relies on it.
+            rows = (f"SELECT * FROM (SELECT src.*, strftime('%Y-%m-%d %H:%M:%f', src.updated_at)"
+                    f" AS _ls_ts FROM ({self.query}) src) w")
+        else:
+            # updated_at itself is the cursor: a copy of it would be sent and parsed twice.
+            rows = f"SELECT * FROM ({self.query}) w"
+        ts = f"w.{self._ts_column}"
+        # The lower bound is one BETWEEN with the upper one: SQLite computes its cursor (a
+        # strftime) once for it, not once per comparison, on every row of the window, each page;
         # Postgres seeks its index to the lower bound instead of walking the earlier pages'
         # rows. Rows at exactly lo_ts are then ordered by the tie-breakers.
-        where = "w._ls_ts <= :hi_ts"
+        where = f"{ts} <= :hi_ts"
         if lo is not None:
-            where = "w._ls_ts BETWEEN :lo_ts AND :hi_ts"
+            where = f"{ts} BETWEEN :lo_ts AND :hi_ts"
             if exact:
                 # An undecodable key (SQLite, read leniently) is bound as its raw bytes and
                 # compared as text again, so that paging resumes exactly after it.
@@ -190,13 +196,12 @@ class Source:
                     else ":lo_lead"
                 stage = "CAST(:lo_stage AS TEXT)" if isinstance(lo.stage, _Undecodable) \
                     else ":lo_stage"
-                where += (f" AND (w._ls_ts > :lo_ts OR w.lead_id > {lead}"
+                where += (f" AND ({ts} > :lo_ts OR w.lead_id > {lead}"
                           f" OR (w.lead_id = {lead} AND w.stage > {stage}))")
-        rows = (f"SELECT * FROM (SELECT src.*, {ts} AS _ls_ts FROM ({self.query}) src) w "
-                f"WHERE {where}")
+        rows += f" WHERE {where}"
         if not ordered:
             return rows
-        return f"{rows} ORDER BY w._ls_ts, w.lead_id, w.stage LIMIT :page"
+        return f"{rows} ORDER BY {ts}, w.lead_id, w.stage LIMIT :page"
 
     def _params(self, window: Window, lo: Cursor | None, exact: bool) -> dict[str, Any]:
         params: dict[str, Any] = {"hi_ts": self._ts_param(window.hi), "page": self.page_size}
@@ -251,9 +256,11 @@ class Source:
                         ).execute(text(self._sql(lo, exact)), params)
                         # Plain tuples zipped with the column names: a RowMapping per row,
                         # turned into a dict, cost more than the rest of the read in Python.
-                        # _ls_ts is the last column (see _sql); zip(keys, ...) leaves it out.
                         names = tuple(result.keys())
-                        keys = names[:-1]
+                        if self._sqlite:  # _ls_ts, the last column (see _sql), stays out
+                            keys, at = names[:-1], len(names) - 1
+                        else:
+                            keys, at = names, names.index(self._ts_column)
                         for part in result.partitions(self.chunk_size):
                             n_page += len(part)
                             chunk: list[dict[str, Any]] = []
@@ -261,8 +268,8 @@ class Source:
                                 if not lenient:
                                     # The cursor is the value the warehouse compares on
                                     # (SQLite: millisecond text), so resuming after it is exact.
-                                    row = dict(zip(keys, values))
-                                    ts = parse_ts(values[-1])
+                                    row = dict(zip(keys, values, strict=False))
+                                    ts = parse_ts(values[at])
                                     if ts is not None:
                                         row["_cursor"] = Cursor(ts, row.get("lead_id"),
                                                                 str(row.get("stage")))
@@ -270,7 +277,8 @@ class Source:
                                         continue
                                     marker = _marker(row, None, ("updated_at",))
                                 else:
-                                    row = dict(zip(names, values))
+                                    row = dict(zip(names, values, strict=True))
+                                    row.setdefault("_ls_ts", values[at])  # _unreadable's key
                                     found = self._unreadable(row)
                                     if found is None:
                                         cursor = _cursor(row)
