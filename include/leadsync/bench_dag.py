@@ -131,12 +131,14 @@ class DagRun:
     """One ``airflow dags test`` process."""
 
     wall_s: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # the largest process's peak (the task process or a worker it starts)
     ok: bool
     tasks: dict[str, float] = field(default_factory=dict)  # task id → seconds (summed)
     phases: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     log: str = ""
+    tree_rss_mb: float = 0.0  # the peak of all its processes' RSS together (sampled)
+    worker: dict[str, float] = field(default_factory=dict)  # the contract worker's busy time
 
 
 @dataclass
@@ -207,20 +209,52 @@ def _airflow(env: dict[str, str], *args: str, log: Path) -> DagRun:
             stdout=out, stderr=subprocess.STDOUT, check=False)
     wall = time.perf_counter() - started
     text = log.read_text(errors="replace")
-    peak_kib = int(rss_file.read_text() or 0) if rss_file.exists() else 0
-    return DagRun(wall, peak_kib / 1024, proc.returncode == 0, log=text)
+    peaks = (rss_file.read_text().split() if rss_file.exists() else []) or ["0", "0"]
+    return DagRun(wall, int(peaks[0]) / 1024, proc.returncode == 0, log=text,
+                  tree_rss_mb=int(peaks[-1]) / 1024)
 
 
-_MEASURE = (
-    "import os, subprocess, sys\n"
-    "child = subprocess.Popen(sys.argv[2:])\n"
-    "_, status, usage = os.wait4(child.pid, 0)\n"
-    "with open(sys.argv[1], 'w') as f:\n"
-    "    f.write(str(usage.ru_maxrss))\n"
-    "sys.exit(os.waitstatus_to_exitcode(status))\n"
-)
+# The launcher: starts the command, samples the summed RSS of its process tree (the task
+# process and any process it starts, like the contract worker) every 0.1 s, and reports
+# "<largest process's peak (ru_maxrss, kB)> <peak of the tree's sum (kB)>".
+_MEASURE = r"""
+import os, sys, time
+pid = os.spawnv(os.P_NOWAIT, sys.argv[2], sys.argv[2:])
+
+def tree_kib():
+    children, rss = {}, {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/statm") as f:
+                rss[int(name)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo.extend(children.get(p, ()))
+    return total
+
+peak = 0
+while True:
+    done, status, usage = os.wait4(pid, os.WNOHANG)
+    if done:
+        break
+    peak = max(peak, tree_kib())
+    time.sleep(0.1)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{usage.ru_maxrss} {peak}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
+_WORKER_LINE = re.compile(r"contract worker process peaked at .*? busy time \(s\): (\{.*?\})")
 _PASS_LINE = re.compile(r"read (\S+) once: (\{.*?\}); phases \(s\): (\{.*?\})")
 
 
@@ -240,6 +274,9 @@ def _fill(run: DagRun, airflow_db: Path, dag_id: str) -> None:
                 run.tasks[str(task_id)] = float(seconds or 0.0)
     finally:
         engine.dispose()
+    worker = _WORKER_LINE.search(run.log)
+    if worker:
+        run.worker = {k: float(v) for k, v in ast.literal_eval(worker.group(1)).items()}
     found = _PASS_LINE.search(run.log)
     if found:
         run.counts = {k: int(v) for k, v in ast.literal_eval(found.group(2)).items()}
@@ -353,16 +390,25 @@ def _fmt_phases(run: DagRun, busy_s: float | None) -> str:
     p = run.phases
     push = sum(s for t, s in run.tasks.items() if t.startswith("push"))
     tasks = sum(run.tasks.values())
+    w = run.worker
+    gx = (f"; in the worker process, in parallel: GX import + suite {w.get('suite', 0):.1f}, "
+          f"validation {w.get('run', 0):.1f}, Data Docs {w.get('docs', 0):.1f}") if w else ""
     parts = [f"read {p.get('read', 0):.1f}",
-             f"check {_contract_s(run):.1f} (GX import + setup {p.get('gx_setup', 0):.1f}, "
-             f"validation {p.get('check', 0):.1f}, verdict + Data Docs "
-             f"{p.get('verdict', 0):.1f})",
+             f"check {_contract_s(run):.1f} (GX setup {p.get('gx_setup', 0):.1f}, "
+             f"projection + validation or waiting for it {p.get('check', 0):.1f}, "
+             f"verdict + Data Docs {p.get('verdict', 0):.1f}{gx})",
              f"plan {p.get('plan', 0):.1f}", f"state {p.get('state', 0):.1f}",
              f"push {push:.1f}"]
     if busy_s is not None:
         parts.append(f"(HTTP at the sink {busy_s:.1f})")
     parts.append(f"Airflow {run.wall_s - tasks:.1f}")
     return ", ".join(parts)
+
+
+def _fmt_rss(run: DagRun) -> str:
+    met = "met" if run.peak_rss_mb <= RSS_TARGET_MB else "MISSED"
+    return (f"peak RSS {run.peak_rss_mb:.0f} MB of the largest process (target ≤ "
+            f"{RSS_TARGET_MB}: {met}), {run.tree_rss_mb:.0f} MB of all its processes together")
 
 
 def print_case(case: DagCase) -> None:
@@ -372,14 +418,13 @@ def print_case(case: DagCase) -> None:
     fixed = case.fixed
     if fixed is not None:
         print(f"      Airflow's fixed cost (trivial two-task DAG): {fixed.wall_s:.1f} s wall, "
-              f"peak RSS {fixed.peak_rss_mb:.0f} MB")
+              f"peak RSS {fixed.peak_rss_mb:.0f} MB ({fixed.tree_rss_mb:.0f} MB sampled)")
     first = case.first
     if first is not None:
         target = TARGETS.get((case.backend, case.rows))
         mark = "" if target is None else (
             f" (target ≤ {target:.0f} s: {'met' if first.wall_s <= target else 'MISSED'})")
-        print(f"      first run: {first.wall_s:.1f} s wall{mark}, peak RSS "
-              f"{first.peak_rss_mb:.0f} MB (target ≤ {RSS_TARGET_MB}), "
+        print(f"      first run: {first.wall_s:.1f} s wall{mark}, {_fmt_rss(first)}, "
               f"{case.sink_events:,} events in {case.sink_requests:,} requests, "
               f"{case.delivered:,} delivered")
         print(f"        phases (s): {_fmt_phases(first, case.sink_busy_s)}")
@@ -387,15 +432,17 @@ def print_case(case: DagCase) -> None:
         print(f"        tasks (s): {tasks}")
         if first.phases and first.wall_s:
             check = _contract_s(first)
+            beside = sum(first.worker.values())
             print(f"        the contract: {check:.1f} s = {check / first.wall_s:.0%} of the run "
-                  "(target ≤ 25 %)")
+                  "(target ≤ 25 %)" + (f", plus {beside:.1f} s in its worker process, in "
+                                      "parallel" if beside else ""))
     noop = case.noop
     if noop is not None and fixed is not None:
         extra = noop.wall_s - fixed.wall_s
         print(f"      no-op run (nothing new): {noop.wall_s:.1f} s wall, {extra:+.1f} s over "
               f"the trivial DAG (target ≤ {NOOP_TARGET_S:.0f} s: "
-              f"{'met' if extra <= NOOP_TARGET_S else 'MISSED'}), peak RSS "
-              f"{noop.peak_rss_mb:.0f} MB; read {noop.counts.get('read', 0):,} rows")
+              f"{'met' if extra <= NOOP_TARGET_S else 'MISSED'}), {_fmt_rss(noop)}; "
+              f"read {noop.counts.get('read', 0):,} rows")
         print(f"        phases (s): {_fmt_phases(noop, None)}")
         tasks = ", ".join(f"{t} {s:.1f}" for t, s in noop.tasks.items())
         print(f"        tasks (s): {tasks}")
@@ -433,6 +480,7 @@ def run_all(cases: list[tuple[str, int]], pg_admin_url: str) -> list[DagCase]:
     if len(by_rows) >= 2 and by_rows[0].first and by_rows[-1].first:
         small, large = by_rows[0], by_rows[-1]
         assert small.first is not None and large.first is not None
-        print(f"    peak RSS {small.rows:,} → {large.rows:,} rows: "
-              f"{small.first.peak_rss_mb:.0f} → {large.first.peak_rss_mb:.0f} MB")
+        print(f"    peak RSS {small.rows:,} → {large.rows:,} rows: largest process "
+              f"{small.first.peak_rss_mb:.0f} → {large.first.peak_rss_mb:.0f} MB, all "
+              f"processes {small.first.tree_rss_mb:.0f} → {large.first.tree_rss_mb:.0f} MB")
     return results

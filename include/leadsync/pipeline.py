@@ -12,6 +12,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -21,7 +22,7 @@ from sqlalchemy import Engine
 
 from leadsync import quality
 from leadsync.config import Config, DestinationConfig
-from leadsync.delivery import BatchSender, summarize
+from leadsync.delivery import BatchSender, DeliveryReport, summarize
 from leadsync.destinations import get_destination
 from leadsync.destinations.base import Destination, HttpRequest, Skip, derive_event_id
 from leadsync.destinations.http import HttpClient, encode_event
@@ -384,14 +385,15 @@ class _StagePass:
         """Counts a chunk as read, skips its settled rows, plans the rest; returns the rest
         (for the contract), in order."""
         self.counts["read"] += len(chunk)
-        ids = [row_event_id(row) for row in chunk]
         until = self.settled_until
         known: dict[str, LedgerEntry] = {}
         if until is not None and chunk[0]["_cursor"].ts <= until:
+            # Only a chunk that reaches back into the lookback can hold settled rows.
+            ids = [row_event_id(row) if row["_cursor"].ts <= until else None for row in chunk]
             with self.timer("state"):
-                known = self.state.ledger_lookup(self.name, [
-                    event_id for row, event_id in zip(chunk, ids, strict=True)
-                    if row["_cursor"].ts <= until])
+                known = self.state.ledger_lookup(self.name, [i for i in ids if i is not None])
+        else:
+            ids = [None] * len(chunk)
         fresh: list[dict[str, Any]] = []
         counts = self.counts
         plan = self.planner.plan
@@ -399,7 +401,7 @@ class _StagePass:
         with self.timer("plan"):
             for row, event_id in zip(chunk, ids, strict=True):
                 cursor: Cursor = row["_cursor"]
-                done = settled(known.get(event_id), cursor.ts) if known else None
+                done = settled(known.get(event_id), cursor.ts) if known and event_id else None
                 if done is not None:
                     counts[done] += 1
                 else:
@@ -557,8 +559,9 @@ class _Contract:
     """
 
     def __init__(self, spec: quality.ContractSpec, run_id: str, now: datetime,
-                 columns: list[str], pass_: _StagePass) -> None:
+                 columns: list[str], pass_: _StagePass, *, separate_process: bool) -> None:
         self.spec = spec
+        self.separate_process = separate_process
         self.run_id = run_id
         self.now = now
         self.columns = columns
@@ -573,9 +576,18 @@ class _Contract:
         if self.session is None:
             with self.pass_.timer("gx_setup"):
                 # GX is imported once per process (seconds): the heartbeat keeps the lease.
-                self.session = quality.ContractSession(self.spec, self.run_id, self.now)
-                self.session.check_columns(self.columns)
+                # In a worker process, this pass waits for it only at the first verdict.
+                self.session = quality.ContractSession(
+                    self.spec, self.run_id, self.now, separate_process=self.separate_process)
+                # A missing column is known here; GX's own structure check, for the report,
+                # is waited for only when it decides something.
+                self.session.check_columns(self.columns, wait=not self.columns_ok)
         return self.session
+
+    def close(self) -> None:
+        """Frees the session's validator (a worker process goes back to the idle pool)."""
+        if self.session is not None:
+            self.session.close()
 
     def finish(self, aborted: str | None) -> quality.ContractReport:
         """The verdict; an empty, passing report when nothing was validated."""
@@ -692,13 +704,17 @@ class Pipeline:
             if contract.enabled:
                 spec = quality.ContractSpec.from_config(self.config, self.dest)
                 columns = quality.source_columns(self.warehouse, source.query)
-                lazy = _Contract(spec, run_id, self.clock(), columns, pass_)
-                aborted: str | None = None
-                if lazy.columns_ok:
-                    aborted = self._read_window(pass_, lazy, source, window,
-                                                run["watermark_before"])
-                with pass_.timer("verdict"):  # the last batch, the breaker, the Data Docs
-                    report = lazy.finish(aborted)
+                lazy = _Contract(spec, run_id, self.clock(), columns, pass_,
+                                 separate_process=contract.separate_process)
+                try:
+                    aborted: str | None = None
+                    if lazy.columns_ok:
+                        aborted = self._read_window(pass_, lazy, source, window,
+                                                    run["watermark_before"])
+                    with pass_.timer("verdict"):  # the last batch, the breaker, the Data Docs
+                        report = lazy.finish(aborted)
+                finally:
+                    lazy.close()
             else:
                 source.check_columns()
                 self._read_window(pass_, None, source, window, run["watermark_before"])
@@ -877,34 +893,63 @@ class Pipeline:
         own_client = client is None
         http = client or HttpClient(timeout=self.dest.retry.timeout.total_seconds())
         sender = BatchSender(self.module, creds, self.dest, http, sleep=self.sleep or time.sleep)
+        # Requests in flight: claims and outcomes stay in this thread (the state store's
+        # transactions), only the sending (HTTP, retries) runs in the pool's threads.
+        width = 1 if batch_id is not None else self.dest.requests_in_flight
+        pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix=f"{name} send")
+        flying: deque[tuple[Batch, Future[DeliveryReport]]] = deque()
         totals: Counter[str] = Counter()
+        error: Exception | None = None
+        crashed = True  # until the loop ends normally: do not wait for requests in flight
         try:
             def renew() -> None:
                 self.state.renew_claims(self.dest.name, holder, ttl)
 
             with self.state.heartbeat(self.dest.name, run_id, ttl, also=renew):
                 while True:
-                    if totals["batches"]:
-                        crash_point("between_batches")
-                        self._hold(run_id)  # a run that lost its lease stops here
-                    batch = self.state.claim_batch(self.dest.name, run_id, holder, ttl,
-                                                   batch_id=batch_id, raw_bodies=raw)
-                    if batch is None:
+                    while error is None and len(flying) < width:
+                        if totals["claimed"]:
+                            if batch_id is not None:
+                                break
+                            if totals["batches"]:
+                                crash_point("between_batches")
+                            self._hold(run_id)  # a run that lost its lease stops here
+                        batch = self.state.claim_batch(self.dest.name, run_id, holder, ttl,
+                                                       batch_id=batch_id, raw_bodies=raw)
+                        if batch is None:
+                            break
+                        totals["claimed"] += 1
+                        crash_point("before_send")
+                        flying.append((batch, pool.submit(sender.deliver, batch.events,
+                                                          self.clock())))
+                    if not flying:
                         break
+                    batch, sending = flying[0]  # outcomes are recorded in claim order
                     try:
-                        counts = self._send_claimed(run_id, batch, sender, holder)
-                    except BaseException:
-                        # Unwinding (an error, a task killed by Airflow): the batch is free
-                        # again at once (recorded outcomes ended the claim already).
+                        counts = self._record(run_id, batch, sending.result(), holder)
+                    except Exception as exc:  # noqa: BLE001 - raised once the others are in
+                        # The batch is free again at once (recorded outcomes ended the claim
+                        # already); the requests still in flight are answered and recorded
+                        # before the error is raised, and nothing more is claimed.
+                        flying.popleft()
                         self._release(batch.batch_id, holder)
-                        raise
+                        error = error or exc
+                        continue
+                    flying.popleft()
                     totals.update(counts)
                     totals["batches"] += 1
-                    if batch_id is not None:
-                        break
+            crashed = False
         finally:
+            # Unwinding without an answer (a crash, a task killed by Airflow): what was
+            # claimed and not recorded is free again at once, not when its claim expires.
+            pool.shutdown(wait=not crashed, cancel_futures=crashed)
+            for batch, _ in flying:
+                self._release(batch.batch_id, holder)
             if own_client:
                 http.close()
+        del totals["claimed"]
+        if error is not None:
+            raise error
         if batch_id is None:
             log.info("%s of %s drained: %s", name, self.dest.name, dict(totals))
         return dict(totals) if totals["batches"] else {}
@@ -916,10 +961,9 @@ class Pipeline:
             log.warning("could not release the claim on batch %s; it expires instead",
                         batch_id, exc_info=True)
 
-    def _send_claimed(self, run_id: str, batch: Batch, sender: BatchSender,
-                      holder: str) -> dict[str, int]:
-        crash_point("before_send")
-        report = sender.deliver(batch.events, self.clock())
+    def _record(self, run_id: str, batch: Batch, report: DeliveryReport,
+                holder: str) -> dict[str, int]:
+        """Records the answer to one batch's request (every event's outcome)."""
         counts = dict(summarize(report))
         crash_point("after_send_before_record")
         self.state.record_outcomes(batch, report.outcomes, run_id, counts, holder=holder,

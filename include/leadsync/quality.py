@@ -51,7 +51,7 @@ import os
 import re
 import threading
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -72,6 +72,12 @@ if TYPE_CHECKING:
     from leadsync.source import Source, Window
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from leadsync.contract_worker import WorkerValidator
+
+# Batches handed to the worker process and still without a verdict, at most (memory bound).
+MAX_BATCHES_IN_FLIGHT = 1
 
 MAX_ID_LENGTH = 128  # ls_quarantine.lead_id / ls_ledger.lead_id
 MAX_STAGE_LENGTH = 64  # ls_quarantine.stage / ls_ledger.stage
@@ -351,7 +357,7 @@ class ContractSpec:
     failure_threshold: float = 0.2
     failure_min_rows: int = 20
     max_quarantined_rows: int = 10_000
-    batch_rows: int = 50_000
+    batch_rows: int = 10_000
     data_docs_dir: Path | None = None
     data_docs_keep: int = 100
 
@@ -632,17 +638,28 @@ class _Projection:
                 return 1
         return 0
 
-    def frame(self) -> pd.DataFrame:
-        import pandas as pd
-
-        data: dict[str, pd.Series] = {}
+    def columns(self) -> _Columns:
+        """The projected batch as plain lists, with the dtype of each column (what
+        :func:`_frame` turns into the DataFrame GX validates, in whichever process runs it)."""
+        c = self.cols
+        data: _Columns = {}
         for name in (*_OBJECT_COLUMNS, *self.verdict_columns):
-            data[name] = pd.Series(self.cols[name], dtype=object)
+            data[name] = ("object", c[name])
         for name in _FLOAT_COLUMNS:
-            data[name] = pd.Series(self.cols[name], dtype="float64")
+            data[name] = ("float64", c[name])
         for name in _INT_COLUMNS:
-            data[name] = pd.Series(self.cols[name], dtype="int64")
-        return pd.DataFrame(data)
+            data[name] = ("int64", c[name])
+        return data
+
+
+_Columns = dict[str, tuple[str, list[Any]]]
+
+
+def _frame(columns: _Columns) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame({name: pd.Series(values, dtype=dtype)
+                         for name, (dtype, values) in columns.items()})
 
 
 # -- Great Expectations runtime ------------------------------------------------------------------
@@ -812,6 +829,122 @@ class _Suite:
         self.template = result
         return list(result.results)
 
+    def run(self, which: str, columns: _Columns) -> list[_Result]:
+        """Validates a batch with the ``structure`` or the ``rows`` suite; plain results."""
+        suite = self.structure if which == "structure" else self.rows
+        out = []
+        for item in self.validate(_frame(columns), suite):
+            result = item.result or {}
+            out.append(_Result(
+                int(item.expectation_config.meta["check"]), bool(item.success),
+                int(result.get("element_count") or 0), int(result.get("unexpected_count") or 0),
+                int(result.get("missing_count") or 0),
+                [int(i) for i in result.get("unexpected_index_list") or ()]))
+        return out
+
+    def docs(self, spec: ContractSpec, report: ContractReport, tallies: Sequence[_Tally],
+             now: datetime) -> str | None:
+        """Renders the run's Data Docs from its summed counts; returns the page's path."""
+        from great_expectations.core.expectation_validation_result import (
+            ExpectationSuiteValidationResult,
+            ExpectationValidationResult,
+        )
+        from great_expectations.core.run_identifier import RunIdentifier
+        from great_expectations.data_context.types.resource_identifiers import (
+            ExpectationSuiteIdentifier,
+            ValidationResultIdentifier,
+        )
+
+        results = []
+        for gx_exp, check, tally in zip(self.suite.expectations, self.checks, tallies,
+                                        strict=True):
+            if not tally.evaluated:
+                continue
+            total = tally.element_count
+            counts: dict[str, Any] = {}
+            if check.rule != "missing_column":
+                nonmissing = max(total - tally.missing_count, 0)
+                counts = {
+                    "element_count": total,
+                    "unexpected_count": tally.unexpected_count,
+                    "missing_count": tally.missing_count,
+                    "unexpected_percent": 100.0 * tally.unexpected_count / nonmissing
+                    if nonmissing else 0.0,
+                    "missing_percent": 100.0 * tally.missing_count / total if total else 0.0,
+                    "unexpected_percent_total": 100.0 * tally.unexpected_count / total
+                    if total else 0.0,
+                    "unexpected_percent_nonmissing": 100.0 * tally.unexpected_count / nonmissing
+                    if nonmissing else 0.0,
+                    "partial_unexpected_list": [],
+                }
+            # A warning (a dropped identifier) is not a failing expectation: its counts show.
+            results.append(ExpectationValidationResult(
+                success=check.warning or (tally.success and tally.unexpected_count == 0),
+                expectation_config=gx_exp.configuration, result=counts))
+        failed = sum(1 for r in results if not r.success)
+        run = RunIdentifier(run_name=_safe_name(report.run_id), run_time=now)
+        meta = {k: v for k, v in (self.template or _Empty()).meta.items()
+                if k in ("great_expectations_version", "active_batch_definition")}
+        meta["run_id"] = run
+        meta["leadsync"] = {k: v for k, v in report.as_dict().items() if k != "data_docs"}
+        suite_result = ExpectationSuiteValidationResult(
+            success=report.passed, results=results, suite_name=spec.suite_name,
+            statistics={"evaluated_expectations": len(results),
+                        "successful_expectations": len(results) - failed,
+                        "unsuccessful_expectations": failed,
+                        "success_percent": 100.0 * (len(results) - failed) / len(results)
+                        if results else 100.0},
+            meta=meta)
+        context = self.context
+        key = ValidationResultIdentifier(
+            expectation_suite_identifier=ExpectationSuiteIdentifier(name=spec.suite_name),
+            run_id=run, batch_identifier=f"{spec.destination}_window")
+        with _GX_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _prune_docs(spec.data_docs_dir, spec.suite_name, spec.data_docs_keep - 1)
+            context.validation_results_store.set(key, suite_result)
+            context.build_data_docs(site_names=["leadsync"], resource_identifiers=[
+                key, ExpectationSuiteIdentifier(name=spec.suite_name)])
+            urls = context.get_docs_sites_urls(resource_identifier=key, site_name="leadsync")
+        url = urls[0]["site_url"] if urls else None
+        return str(url).removeprefix("file://") if url else None
+
+
+@dataclass(frozen=True)
+class _Result:
+    """One expectation's result on one batch, as plain data (crosses the process pipe)."""
+
+    check: int  # index into the contract's checks
+    success: bool
+    element_count: int
+    unexpected_count: int
+    missing_count: int
+    unexpected: list[int]  # positions of the failing rows within the batch
+
+
+class _InlineValidator:
+    """Great Expectations in this process: each batch is validated when it is submitted."""
+
+    def __init__(self, spec: ContractSpec) -> None:
+        self.suite = _Suite(spec)
+        self.done: deque[list[_Result]] = deque()
+
+    def submit(self, which: str, columns: _Columns) -> None:
+        self.done.append(self.suite.run(which, columns))
+
+    def ready(self) -> bool:
+        return bool(self.done)
+
+    def take(self) -> list[_Result]:
+        return self.done.popleft()
+
+    def docs(self, spec: ContractSpec, report: ContractReport, tallies: Sequence[_Tally],
+             now: datetime) -> str | None:
+        return self.suite.docs(spec, report, tallies, now)
+
+    def close(self) -> None:
+        pass
+
 
 # -- one run of the contract ---------------------------------------------------------------------
 
@@ -966,45 +1099,81 @@ class ContractViolation(RuntimeError):
 
 
 class ContractSession:
-    """One run's check: structure, then rows batch by batch, then the breaker and Data Docs."""
+    """One run's check: structure, then rows batch by batch, then the breaker and Data Docs.
 
-    def __init__(self, spec: ContractSpec, run_id: str, now: datetime) -> None:
+    With ``separate_process``, Great Expectations runs in a worker process
+    (:mod:`leadsync.contract_worker`): a full batch is handed over and the caller goes on
+    projecting (and planning, and staging) the next rows while it is validated on another
+    core; its failures come back from a later :meth:`add` or from :meth:`flush`, and
+    :attr:`validated` says up to which row the verdicts are in. At most
+    :data:`MAX_BATCHES_IN_FLIGHT` batches wait for their verdict, so memory stays bounded.
+    Without it, each batch is validated in this process when it fills.
+    """
+
+    def __init__(self, spec: ContractSpec, run_id: str, now: datetime, *,
+                 separate_process: bool = False) -> None:
         self.spec = spec
         self.run_id = run_id
         self.now = now
-        self.gx = _Suite(spec)
-        self.tallies = [_Tally() for _ in self.gx.checks]
+        self.checks = [*spec.structure_checks(), *spec.row_checks()]  # as the suite numbers them
+        self.validator: _InlineValidator | WorkerValidator
+        if separate_process:
+            from leadsync.contract_worker import WorkerValidator
+
+            self.validator = WorkerValidator(spec)
+            log.info("validating with Great Expectations in worker process %d",
+                     self.validator.pid)
+        else:
+            self.validator = _InlineValidator(spec)
+        self.tallies = [_Tally() for _ in self.checks]
         self.report = ContractReport(spec.destination, run_id, threshold=spec.failure_threshold,
                                      min_rows=spec.failure_min_rows,
                                      max_quarantined_rows=spec.max_quarantined_rows)
         self._batch = _Projection(spec, now)
         self._batch_outside = False
+        # Submitted, no verdict yet: (rows, what to do with the results), in order.
+        self._in_flight: deque[tuple[int, Callable[[list[_Result]], list[Failure]]]] = deque()
         self._quarantined: Counter[str] = Counter()
         self._position = 0
 
+    def close(self) -> None:
+        """Ends the session's use of its validator (a worker goes back to the idle pool)."""
+        self.validator.close()
+
     # structure
 
-    def check_columns(self, columns: Iterable[str]) -> bool:
-        """Validates the source's column names; False (and structural failures) if any lack."""
-        import pandas as pd
+    def check_columns(self, columns: Iterable[str], *, wait: bool = True) -> bool:
+        """Validates the source's column names; False (and structural failures) if any lack.
 
+        ``wait=False`` hands the check over and returns at once (GX may still be importing
+        in the worker): the result says whether the required columns are there, and GX's own
+        verdict joins the report with the first batch's.
+        """
         names = [str(c) for c in columns]
-        frame = pd.DataFrame({name: pd.Series([], dtype=object) for name in names})
-        results = self.gx.validate(frame, self.gx.structure)
-        self._tally(results)
-        for item in results:
-            if not item.success:
-                check = self.gx.checks[int(item.expectation_config.meta["check"])]
-                self.report.structural.append(
-                    f"{check.label} failed: the source query returns {', '.join(names)}")
-        return not self.report.structural
+
+        def verdict(results: list[_Result]) -> list[Failure]:
+            self._tally(results)
+            for item in results:
+                if not item.success:
+                    check = self.checks[item.check]
+                    self.report.structural.append(
+                        f"{check.label} failed: the source query returns {', '.join(names)}")
+            return []
+
+        self.validator.submit("structure", {name: ("object", []) for name in names})
+        self._in_flight.append((0, verdict))
+        if wait:
+            self._collect(0)
+            return not self.report.structural
+        return all(c in names for c in REQUIRED_COLUMNS)
 
     # rows
 
     def add(self, rows: Iterable[Mapping[str, Any]], same_key_rows: Callable[
             [Mapping[str, Any]], int] | None = None, *, outside_window: bool = False,
             is_new: Callable[[Mapping[str, Any]], bool] | None = None) -> list[Failure]:
-        """Projects rows; validates each full batch. Returns the failures of validated rows.
+        """Projects rows; submits each full batch. Returns the failures of the batches whose
+        verdict is in (all submitted ones, in this process).
 
         ``same_key_rows(row)`` is the number of rows of the window sharing the row's
         (lead_id, stage) (1 when not given). ``is_new(row)`` says whether the row is past the
@@ -1014,7 +1183,7 @@ class ContractSession:
         """
         failures: list[Failure] = []
         if outside_window != self._batch_outside and len(self._batch):
-            failures += self.flush()
+            self._submit()
         self._batch_outside = outside_window
         rows = rows if isinstance(rows, Sequence) else list(rows)
         done = 0
@@ -1031,38 +1200,60 @@ class ContractSession:
             self._position += len(part)
             done += len(part)
             if len(self._batch) >= self.spec.batch_rows:
-                failures += self.flush()
-        return failures
+                self._submit()
+                failures += self._collect(MAX_BATCHES_IN_FLIGHT)
+        return failures + self._collect(MAX_BATCHES_IN_FLIGHT)
 
     def flush(self) -> list[Failure]:
-        """Validates the rows projected so far."""
+        """Validates the rows projected so far and waits for every verdict."""
+        self._submit()
+        return self._collect(0)
+
+    def _submit(self) -> None:
         batch, self._batch = self._batch, _Projection(self.spec, self.now)
-        n = len(batch)
-        if not n:
-            return []
-        results = self.gx.validate(batch.frame(), self.gx.rows)
+        if len(batch):
+            self.validator.submit("rows", batch.columns())
+            batch.cols = {}  # the verdicts need the keys and positions, not the values
+            outside = self._batch_outside
+            self._in_flight.append(
+                (len(batch), lambda results: self._verdicts(batch, outside, results)))
+
+    def _collect(self, keep: int) -> list[Failure]:
+        """Takes verdicts in order: every one that is in, and waits until at most ``keep``
+        batches are left without one."""
+        failures: list[Failure] = []
+        while self._in_flight and (sum(1 for rows, _ in self._in_flight if rows) > keep
+                                   or self.validator.ready()):
+            _, verdict = self._in_flight.popleft()
+            failures += verdict(self.validator.take())
+        return failures
+
+    def _verdicts(self, batch: _Projection, outside: bool,
+                  results: list[_Result]) -> list[Failure]:
+        """The failing rows of one validated batch (each with the first rule it breaks)."""
         self._tally(results)
+        n = len(batch)
         first: list[tuple[int, int] | None] = [None] * n  # (rank, check index) per row
         for item in results:
-            index = int(item.expectation_config.meta["check"])
-            if self.gx.checks[index].warning:
+            check = self.checks[item.check]
+            if check.warning:
                 continue  # the identifier is dropped from the event, the row goes on
-            rank = (_RULE_RANK[self.gx.checks[index].rule], index)
-            for i in item.result.get("unexpected_index_list") or ():
-                current = first[int(i)]
+            rank = (_RULE_RANK[check.rule], item.check)
+            for i in item.unexpected:
+                current = first[i]
                 if current is None or rank < current:
-                    first[int(i)] = rank
+                    first[i] = rank
         failures = []
         for i, found in enumerate(first):
             if found is None:
                 continue
-            check = self.gx.checks[found[1]]
+            check = self.checks[found[1]]
             lead, stage = batch.key(i)
             failures.append(Failure(lead, stage, check.rule, check.detail, batch.cursors[i],
                                     batch.positions[i]))
             self._quarantined[check.rule] += 1
         report = self.report
-        if self._batch_outside:
+        if outside:
             report.outside_window_rows += n
         else:
             report.rows += n
@@ -1086,24 +1277,24 @@ class ContractSession:
 
     @property
     def validated(self) -> int:
-        """How many of the rows given so far have been validated (their failures returned):
-        the rows before this position have their verdict."""
-        return self._position - len(self._batch)
+        """How many of the rows given so far have their verdict (their failures returned):
+        the rows before this position."""
+        waiting = sum(rows for rows, _ in self._in_flight)
+        return self._position - len(self._batch) - waiting
 
     @property
     def over_limit(self) -> bool:
         """More failing rows than ``max_quarantined_rows``: no need to read further."""
         return self.report.failing_rows > self.spec.max_quarantined_rows
 
-    def _tally(self, results: Sequence[Any]) -> None:
+    def _tally(self, results: Sequence[_Result]) -> None:
         for item in results:
-            tally = self.tallies[int(item.expectation_config.meta["check"])]
-            result = item.result or {}
+            tally = self.tallies[item.check]
             tally.evaluated = True
-            tally.success = tally.success and bool(item.success)
-            tally.element_count += int(result.get("element_count") or 0)
-            tally.unexpected_count += int(result.get("unexpected_count") or 0)
-            tally.missing_count += int(result.get("missing_count") or 0)
+            tally.success = tally.success and item.success
+            tally.element_count += item.element_count
+            tally.unexpected_count += item.unexpected_count
+            tally.missing_count += item.missing_count
 
     # verdict
 
@@ -1118,7 +1309,7 @@ class ContractSession:
         report.quarantined = dict(self._quarantined)
         report.expectations = []
         report.identifiers_dropped = {}
-        for check, tally in zip(self.gx.checks, self.tallies, strict=True):
+        for check, tally in zip(self.checks, self.tallies, strict=True):
             if not tally.evaluated:
                 continue
             unexpected = tally.unexpected_count
@@ -1155,78 +1346,17 @@ class ContractSession:
                               "(contract.failure_threshold)")
         if spec.data_docs_dir is not None:
             try:
-                report.data_docs = self._build_docs()
+                report.data_docs = self.validator.docs(spec, report, self.tallies, self.now)
             except Exception as exc:  # noqa: BLE001 - docs are a view; never fail the run on them
                 log.warning("could not build the Data Docs in %s: %s", spec.data_docs_dir,
                             clean_error(exc))
+        peak = getattr(self.validator, "peak_rss_mb", None)
+        if peak:
+            busy = {k: round(v, 3) for k, v in getattr(self.validator, "seconds", {}).items()}
+            log.info("the contract worker process peaked at %.0f MB of memory; its busy "
+                     "time (s): %s", peak, busy)
+        self.close()
         return report
-
-    def _build_docs(self) -> str | None:
-        from great_expectations.core.expectation_validation_result import (
-            ExpectationSuiteValidationResult,
-            ExpectationValidationResult,
-        )
-        from great_expectations.core.run_identifier import RunIdentifier
-        from great_expectations.data_context.types.resource_identifiers import (
-            ExpectationSuiteIdentifier,
-            ValidationResultIdentifier,
-        )
-
-        report = self.report
-        results = []
-        for gx_exp, check, tally in zip(self.gx.suite.expectations, self.gx.checks,
-                                        self.tallies, strict=True):
-            if not tally.evaluated:
-                continue
-            total = tally.element_count
-            counts: dict[str, Any] = {}
-            if check.rule != "missing_column":
-                nonmissing = max(total - tally.missing_count, 0)
-                counts = {
-                    "element_count": total,
-                    "unexpected_count": tally.unexpected_count,
-                    "missing_count": tally.missing_count,
-                    "unexpected_percent": 100.0 * tally.unexpected_count / nonmissing
-                    if nonmissing else 0.0,
-                    "missing_percent": 100.0 * tally.missing_count / total if total else 0.0,
-                    "unexpected_percent_total": 100.0 * tally.unexpected_count / total
-                    if total else 0.0,
-                    "unexpected_percent_nonmissing": 100.0 * tally.unexpected_count / nonmissing
-                    if nonmissing else 0.0,
-                    "partial_unexpected_list": [],
-                }
-            # A warning (a dropped identifier) is not a failing expectation: its counts show.
-            results.append(ExpectationValidationResult(
-                success=check.warning or (tally.success and tally.unexpected_count == 0),
-                expectation_config=gx_exp.configuration, result=counts))
-        failed = sum(1 for r in results if not r.success)
-        run = RunIdentifier(run_name=_safe_name(report.run_id), run_time=self.now)
-        meta = {k: v for k, v in (self.gx.template or _Empty()).meta.items()
-                if k in ("great_expectations_version", "active_batch_definition")}
-        meta["run_id"] = run
-        meta["leadsync"] = {k: v for k, v in report.as_dict().items() if k != "data_docs"}
-        suite_result = ExpectationSuiteValidationResult(
-            success=report.passed, results=results, suite_name=self.spec.suite_name,
-            statistics={"evaluated_expectations": len(results),
-                        "successful_expectations": len(results) - failed,
-                        "unsuccessful_expectations": failed,
-                        "success_percent": 100.0 * (len(results) - failed) / len(results)
-                        if results else 100.0},
-            meta=meta)
-        context = self.gx.context
-        key = ValidationResultIdentifier(
-            expectation_suite_identifier=ExpectationSuiteIdentifier(name=self.spec.suite_name),
-            run_id=run, batch_identifier=f"{self.spec.destination}_window")
-        with _GX_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _prune_docs(self.spec.data_docs_dir, self.spec.suite_name,
-                        self.spec.data_docs_keep - 1)
-            context.validation_results_store.set(key, suite_result)
-            context.build_data_docs(site_names=["leadsync"], resource_identifiers=[
-                key, ExpectationSuiteIdentifier(name=self.spec.suite_name)])
-            urls = context.get_docs_sites_urls(resource_identifier=key, site_name="leadsync")
-        url = urls[0]["site_url"] if urls else None
-        return str(url).removeprefix("file://") if url else None
 
 
 class _Empty:

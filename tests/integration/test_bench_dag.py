@@ -23,3 +23,8 @@ def test_dag_benchmark_delivers_every_eligible_row_once_and_reports_its_phases()
     assert case.noop.counts["read"] > 0 and case.noop.counts.get("staged", 0) == 0
     assert case.noop.phases.get("gx_setup", 0.0) == 0.0  # GX never imported
     assert case.first.peak_rss_mb > case.fixed.peak_rss_mb > 0
+    # GX ran in the check task's worker process: its time and memory are reported, and the
+    # sampled tree holds both processes.
+    assert case.first.worker.keys() >= {"suite", "run"}
+    assert case.first.tree_rss_mb > case.first.peak_rss_mb
+    assert not case.noop.worker  # no worker started for a window with nothing new

@@ -31,13 +31,15 @@ STAGES = {"lead": "Lead", "qualified": "Marketing Qualified Lead",
           "sales_accepted": "Sales Qualified Lead", "won": "Converted"}
 
 
-def lane_config(batch_size: int, lease_ttl: str, lanes: int = 2) -> dict[str, Any]:
+def lane_config(batch_size: int, lease_ttl: str, lanes: int = 2,
+                in_flight: int = 4) -> dict[str, Any]:
     return {
         "source": {"query_file": str(ROOT / "include" / "sql" / "converted_leads.sql")},
         "state": {"lease_ttl": lease_ttl, "lease_wait": "0s"},
         "contract": {"enabled": False},  # not what is tested here; saves the GX import
         "destinations": [{"name": "meta", "type": "meta", "crm_name": "Test CRM",
                           "batch_size": batch_size, "push_lanes": lanes, "stages": STAGES,
+                          "requests_in_flight": in_flight,
                           "retry": {"attempts": 2, "backoff_base": "0s",
                                     "backoff_max": "10ms"}}],
     }
@@ -137,7 +139,8 @@ sys.path.insert(0, {tests!r})
 from integration.test_faults import World
 from integration.test_push_lanes import lane_config
 from leadsync.config import parse_config
-world = World(parse_config(lane_config(3, sys.argv[4])), sys.argv[1], sys.argv[2], sys.argv[3])
+world = World(parse_config(lane_config(3, sys.argv[4], in_flight=1)), sys.argv[1], sys.argv[2],
+              sys.argv[3])
 world.pipeline().push_lane(sys.argv[5], 0)
 """
 
@@ -146,7 +149,9 @@ def test_the_claim_of_a_killed_lane_expires_and_another_lane_sends_the_batch(
         tmp_path: Path, sandbox: Any) -> None:
     requests.post(f"{sandbox.url}/_sandbox/reset", timeout=5).raise_for_status()
     ttl = 4.0
-    world = World(parse_config(lane_config(batch_size=3, lease_ttl=f"{ttl:.0f}s")),
+    # One request in flight: the killed lane holds exactly the batch it was about to send.
+    world = World(parse_config(lane_config(batch_size=3, lease_ttl=f"{ttl:.0f}s",
+                                           in_flight=1)),
                   f"sqlite:///{tmp_path / 'wh.db'}", f"sqlite:///{tmp_path / 'st.db'}",
                   sandbox.url)
     demo_data.seed(make_engine(world.warehouse_url), 20, datetime.now(UTC))
@@ -178,6 +183,62 @@ def test_the_claim_of_a_killed_lane_expires_and_another_lane_sends_the_batch(
     assert stats["requests"] == batches and stats["duplicate_events"] == 0
     assert stats["unique_events"] == len(expected_events(world))
     assert world.pipeline().commit("run1")["status"] == "success"
+
+
+def test_a_lane_keeps_several_requests_in_flight_and_records_each_once(
+        tmp_path: Path, sandbox: Any) -> None:
+    """With the platform slow to answer, a lane's requests overlap (requests_in_flight): the
+    lane takes about a quarter of the one-at-a-time time, and each batch is sent and recorded
+    once."""
+    requests.post(f"{sandbox.url}/_sandbox/reset", timeout=5).raise_for_status()
+    world = World(parse_config(lane_config(batch_size=5, lease_ttl="1m", in_flight=4)),
+                  f"sqlite:///{tmp_path / 'wh.db'}", f"sqlite:///{tmp_path / 'st.db'}",
+                  sandbox.url)
+    demo_data.seed(make_engine(world.warehouse_url), 30, datetime.now(UTC))
+    batches = _staged(world, "run1")
+    assert batches >= 8
+    delay = 0.5
+    requests.post(f"{sandbox.url}/_sandbox/faults", json={"platform": "meta", "faults": [
+        {"kind": "slow", "delay_s": delay, "times": batches}]}, timeout=5).raise_for_status()
+    started = time.monotonic()
+    counts = world.pipeline().push_lane("run1", 0)
+    took = time.monotonic() - started
+    assert counts["batches"] == batches
+    assert took < batches * delay / 2, f"{took:.1f} s: the requests did not overlap"
+    stats = _stats(world)
+    assert stats["requests"] == batches and stats["duplicate_events"] == 0
+    assert stats["unique_events"] == len(expected_events(world))
+    store = world.store()
+    assert store.pending_batch_ids("meta") == [] and store.claimed_batches("meta") == {}
+    assert world.pipeline().commit("run1")["status"] == "success"
+
+
+def test_a_fatal_answer_stops_the_lane_after_recording_the_requests_in_flight(
+        tmp_path: Path, sandbox: Any) -> None:
+    """A fatal error on one batch: the lane claims nothing more, records what the requests
+    already in flight got, frees the failed batch and raises the error."""
+    from leadsync.destinations.base import FatalDestinationError
+
+    requests.post(f"{sandbox.url}/_sandbox/reset", timeout=5).raise_for_status()
+    world = World(parse_config(lane_config(batch_size=5, lease_ttl="1m", in_flight=3)),
+                  f"sqlite:///{tmp_path / 'wh.db'}", f"sqlite:///{tmp_path / 'st.db'}",
+                  sandbox.url)
+    demo_data.seed(make_engine(world.warehouse_url), 30, datetime.now(UTC))
+    batches = _staged(world, "run1")
+    requests.post(f"{sandbox.url}/_sandbox/faults", json={"platform": "meta", "faults": [
+        {"kind": "graph_error", "code": 190, "is_transient": False, "times": 1}]},
+        timeout=5).raise_for_status()
+    with pytest.raises(FatalDestinationError):
+        world.pipeline().push_lane("run1", 0)
+    store = world.store()
+    stats = _stats(world)
+    # Three requests were in flight when the first answers came; whichever got the error (the
+    # lane may have claimed one more batch after recording an earlier answer), every other
+    # answer was recorded, the failed batch is pending and free, and nothing was claimed once
+    # the error was seen.
+    assert stats["requests"] in (3, 4) and stats["duplicate_events"] == 0
+    assert len(store.pending_batch_ids("meta")) == batches - (stats["requests"] - 1)
+    assert store.claimed_batches("meta") == {}
 
 
 def test_a_later_run_takes_an_earlier_runs_claims_at_once(tmp_path: Path, sandbox: Any) -> None:

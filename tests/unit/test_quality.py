@@ -424,6 +424,62 @@ def test_data_docs_show_dropped_identifiers_as_warnings(tmp_path: Path) -> None:
     assert "dropped.person" not in page and "dropped.person" not in stored.read_text()
 
 
+def _verdicts_of(s: ContractSession, rows: list[dict[str, Any]]) -> tuple[list[Any], Any]:
+    """Feeds rows in chunks of 7 (batch boundaries fall inside chunks) and collects every
+    failure, checking that ``validated`` never runs ahead of the verdicts returned."""
+    from collections import Counter as _Counter
+
+    counts = _Counter(quality.duplicate_key(r.get("lead_id"), r.get("stage")) for r in rows)
+    failures: list[Any] = []
+    assert s.check_columns(COLUMNS, wait=False)
+    for start in range(0, len(rows), 7):
+        failures += s.add(rows[start:start + 7],
+                          lambda r: counts[quality.duplicate_key(r.get("lead_id"),
+                                                                 r.get("stage"))])
+        assert all(f.position < s.validated for f in failures)
+    failures += s.flush()
+    assert s.validated == len(rows)
+    return failures, s.finish()
+
+
+def test_a_worker_process_gives_the_verdicts_of_the_task_process(tmp_path: Path) -> None:
+    """contract.separate_process: GX validates in a worker process, batch by batch while the
+    task goes on; the failures, counts and Data Docs are those of validating in the task."""
+    rows = [row for _, row in FAILING] + [row for _, row in PASSING] + [
+        good(f"G-{i}") for i in range(200)]  # three batches of 100 rows, and a part
+    spec = ContractSpec.from_config(make_config(batch_rows=100), DEST)
+    outcome = {}
+    for mode in (False, True):
+        docs = tmp_path / str(mode)
+        s = ContractSession(ContractSpec(**{**spec.__dict__, "data_docs_dir": docs}),
+                            "run-1", NOW, separate_process=mode)
+        failures, report = _verdicts_of(s, rows)
+        assert report.data_docs and Path(report.data_docs).is_file()
+        outcome[mode] = (sorted((f.position, f.rule) for f in failures),
+                         {k: v for k, v in report.as_dict().items() if k != "data_docs"})
+    assert outcome[True] == outcome[False]
+    assert len(outcome[True][0]) == len(FAILING)
+
+
+def test_a_worker_process_that_dies_fails_the_check_with_a_clear_error() -> None:
+    from leadsync.contract_worker import WorkerValidator
+
+    s = ContractSession(quality.ContractSpec.from_config(make_config(batch_rows=100), DEST,
+                                                         data_docs=False),
+                        "run-1", NOW, separate_process=True)
+    assert isinstance(s.validator, WorkerValidator)
+    s.validator.worker.proc.kill()
+    s.validator.worker.proc.wait()
+    with pytest.raises(quality.ContractError, match="contract worker process stopped"):
+        s.add([good(f"K-{i}") for i in range(250)])
+        s.flush()
+    s.close()  # a dead worker is not kept for the next session
+    again = ContractSession(s.spec, "run-2", NOW, separate_process=True)
+    assert again.check_columns(COLUMNS)
+    assert again.add([good("K-1")]) + again.flush() == []
+    again.close()
+
+
 def test_data_docs_keep_the_newest_runs(tmp_path: Path) -> None:
     docs = tmp_path / "docs"
     spec = ContractSpec.from_config(make_config(data_docs_keep=2), DEST)

@@ -147,8 +147,10 @@ def test_a_run_with_nothing_new_does_not_import_great_expectations(tmp_path: Pat
         done = subprocess.run([sys.executable, str(script), str(tmp_path), run_id],
                               capture_output=True, text=True, timeout=300, check=False)
         assert done.returncode == 0, done.stderr[-2000:]
-        seen.append(done.stdout.split()[-1])
-    assert seen == ["gx-loaded", "gx-not-loaded"]  # the first run validated its rows
+        seen.append(" ".join(done.stdout.split()[-2:]))
+    # The first run validated its rows in a worker process (contract.separate_process), so
+    # the task's own process never imported GX; the second needed no worker at all.
+    assert seen == ["gx-not-loaded worker-used", "gx-not-loaded worker-not-used"]
 
 
 _NOOP_SCRIPT = '''
@@ -199,7 +201,8 @@ else:
     assert report["rows"] == 0 and report["passed"], report
     counts = state.get_run(run_id, "meta")["counts"]
     assert counts["read"] > 0 and counts.get("staged", 0) == 0, counts
-print("gx-loaded" if "great_expectations" in sys.modules else "gx-not-loaded")
+print("gx-loaded" if "great_expectations" in sys.modules else "gx-not-loaded",
+      "worker-used" if "leadsync.contract_worker" in sys.modules else "worker-not-used")
 '''
 
 

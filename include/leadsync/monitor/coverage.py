@@ -59,10 +59,15 @@ class Coverage:
         self.destination_type = destination_type
         self.events = 0
         self.keys: Counter[str] = Counter()
+        self._names: dict[frozenset[str], frozenset[str]] = {}  # a few combinations recur
 
     def names(self, body: Mapping[str, Any]) -> frozenset[str]:
         """The identifier names an event body carries, in common words."""
-        return frozenset(_NAMES.get(k, k) for k in event_keys(self.destination_type, body))
+        keys = frozenset(event_keys(self.destination_type, body))
+        names = self._names.get(keys)
+        if names is None:
+            names = self._names[keys] = frozenset(_NAMES.get(k, k) for k in keys)
+        return names
 
     def add(self, body: Mapping[str, Any]) -> None:
         """Counts one staged event from its body."""
