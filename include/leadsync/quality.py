@@ -1413,7 +1413,9 @@ def window_key_counts(source: Source, window: Window, cap: int) -> dict[tuple[st
     """(lead_id, stage) keys that occur more than once in the window, with their row counts.
 
     One ``GROUP BY`` in the warehouse over the same rows the stream reads (the same keyset
-    bounds, binds and SQL), returning only the duplicated keys, at most ``cap + 1`` of them.
+    bounds, binds and SQL, less the order and the page limit: an aggregate needs neither, and
+    sorting the window's rows cost more than counting them), returning only the duplicated
+    keys, at most ``cap + 1`` of them.
     """
     from sqlalchemy import LargeBinary, String, cast, column, func, select, text
 
@@ -1421,12 +1423,10 @@ def window_key_counts(source: Source, window: Window, cap: int) -> dict[tuple[st
 
     lo = window.lo
     exact = lo is not None and lo.lead_id is not None
-    params: dict[str, Any] = {"hi_ts": source._ts_param(window.hi), "page": 2**62}
-    if lo is not None:
-        params["lo_ts"] = source._ts_param(lo.ts)
-        if exact:
-            params["lo_lead"], params["lo_stage"] = lo.lead_id, lo.stage
-    rows = text(source._sql(lo, exact)).columns(column("lead_id"), column("stage")).subquery("d")
+    params = source._params(window, lo, exact)
+    del params["page"]
+    rows = (text(source._sql(lo, exact, ordered=False))
+            .columns(column("lead_id"), column("stage")).subquery("d"))
     lead_key = func.trim(cast(rows.c.lead_id, String))
     stage_key = func.trim(cast(rows.c.stage, String))
     query = (select(lead_key, stage_key, func.count())
