@@ -1163,7 +1163,7 @@ class ContractSession:
         self.validator.submit("structure", {name: ("object", []) for name in names})
         self._in_flight.append((0, verdict))
         if wait:
-            self._collect(0)
+            self._collect(None)
             return not self.report.structural
         return all(c in names for c in REQUIRED_COLUMNS)
 
@@ -1207,7 +1207,7 @@ class ContractSession:
     def flush(self) -> list[Failure]:
         """Validates the rows projected so far and waits for every verdict."""
         self._submit()
-        return self._collect(0)
+        return self._collect(None)
 
     def _submit(self) -> None:
         batch, self._batch = self._batch, _Projection(self.spec, self.now)
@@ -1218,12 +1218,13 @@ class ContractSession:
             self._in_flight.append(
                 (len(batch), lambda results: self._verdicts(batch, outside, results)))
 
-    def _collect(self, keep: int) -> list[Failure]:
+    def _collect(self, keep: int | None) -> list[Failure]:
         """Takes verdicts in order: every one that is in, and waits until at most ``keep``
-        batches are left without one."""
+        batches of rows are left without one (None: until every verdict is in)."""
         failures: list[Failure] = []
-        while self._in_flight and (sum(1 for rows, _ in self._in_flight if rows) > keep
-                                   or self.validator.ready()):
+        while self._in_flight and (
+                keep is None or sum(1 for rows, _ in self._in_flight if rows) > keep
+                or self.validator.ready()):
             _, verdict = self._in_flight.popleft()
             failures += verdict(self.validator.take())
         return failures
@@ -1412,7 +1413,9 @@ def window_key_counts(source: Source, window: Window, cap: int) -> dict[tuple[st
     """(lead_id, stage) keys that occur more than once in the window, with their row counts.
 
     One ``GROUP BY`` in the warehouse over the same rows the stream reads (the same keyset
-    bounds, binds and SQL), returning only the duplicated keys, at most ``cap + 1`` of them.
+    bounds, binds and SQL, less the order and the page limit: an aggregate needs neither, and
+    sorting the window's rows cost more than counting them), returning only the duplicated
+    keys, at most ``cap + 1`` of them.
     """
     from sqlalchemy import LargeBinary, String, cast, column, func, select, text
 
@@ -1420,12 +1423,10 @@ def window_key_counts(source: Source, window: Window, cap: int) -> dict[tuple[st
 
     lo = window.lo
     exact = lo is not None and lo.lead_id is not None
-    params: dict[str, Any] = {"hi_ts": source._ts_param(window.hi), "page": 2**62}
-    if lo is not None:
-        params["lo_ts"] = source._ts_param(lo.ts)
-        if exact:
-            params["lo_lead"], params["lo_stage"] = lo.lead_id, lo.stage
-    rows = text(source._sql(lo, exact)).columns(column("lead_id"), column("stage")).subquery("d")
+    params = source._params(window, lo, exact)
+    del params["page"]
+    rows = (text(source._sql(lo, exact, ordered=False))
+            .columns(column("lead_id"), column("stage")).subquery("d"))
     lead_key = func.trim(cast(rows.c.lead_id, String))
     stage_key = func.trim(cast(rows.c.stage, String))
     query = (select(lead_key, stage_key, func.count())

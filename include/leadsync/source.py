@@ -116,6 +116,8 @@ def to_utc(value: Any) -> datetime | None:
     """Coerces a warehouse timestamp (datetime, date or ISO text) to an aware UTC datetime."""
     if value is None:
         return None
+    if value.__class__ is datetime and value.tzinfo is UTC:  # the usual case, first
+        return value
     if isinstance(value, datetime):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     if isinstance(value, date):
@@ -139,6 +141,15 @@ def to_utc(value: Any) -> datetime | None:
     return None
 
 
+def _sqlite_ts(value: Any) -> datetime | None:
+    """:func:`to_utc` of SQLite's cursor text, ``strftime('%Y-%m-%d %H:%M:%f')`` (UTC): read
+    in one call, the offset appended (the general path costs several times more per row)."""
+    try:
+        return datetime.fromisoformat(value + "+00:00")
+    except (TypeError, ValueError):  # NULL, or a year fromisoformat refuses (0000)
+        return to_utc(value)
+
+
 class Source:
     """Reads the user's query in cursor order between a window's bounds."""
 
@@ -149,6 +160,9 @@ class Source:
         self.chunk_size = chunk_size
         self.page_size = max(page_size, chunk_size)
         self._sqlite = engine.dialect.name == "sqlite"
+        # The column the keyset compares on: SQLite has no timestamp type, so its rows get one
+        # normalised copy of updated_at, _ls_ts (see _ts_param); elsewhere, updated_at.
+        self._ts_column = "_ls_ts" if self._sqlite else "updated_at"
 
     def _ts_param(self, ts: datetime) -> Any:
         # SQLite has no timestamp type: rows hold text, compared through strftime so that
@@ -157,14 +171,24 @@ class Source:
             return ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:23]
         return ts
 
-    def _sql(self, lo: Cursor | None, exact: bool) -> str:
-        ts = (
-            "strftime('%Y-%m-%d %H:%M:%f', src.updated_at)"
-            if self._sqlite
-            else "src.updated_at"
-        )
-        where = ["w._ls_ts <= :hi_ts"]
+    def _sql(self, lo: Cursor | None, exact: bool, *, ordered: bool = True) -> str:
+        """The page query; ``ordered=False``: the window's rows unordered and unlimited (for
+        an aggregate over them: sorting every column of every row costs more than the rest)."""
+        if self._sqlite:
+            # The cursor column _ls_ts comes last: the stream relies on it.
+            rows = (f"SELECT * FROM (SELECT src.*, strftime('%Y-%m-%d %H:%M:%f', src.updated_at)"
+                    f" AS _ls_ts FROM ({self.query}) src) w")
+        else:
+            # updated_at itself is the cursor: a copy of it would be sent and parsed twice.
+            rows = f"SELECT * FROM ({self.query}) w"
+        ts = f"w.{self._ts_column}"
+        # The lower bound is one BETWEEN with the upper one: SQLite computes its cursor (a
+        # strftime) once for it, not once per comparison, on every row of the window, each page;
+        # Postgres seeks its index to the lower bound instead of walking the earlier pages'
+        # rows. Rows at exactly lo_ts are then ordered by the tie-breakers.
+        where = f"{ts} <= :hi_ts"
         if lo is not None:
+            where = f"{ts} BETWEEN :lo_ts AND :hi_ts"
             if exact:
                 # An undecodable key (SQLite, read leniently) is bound as its raw bytes and
                 # compared as text again, so that paging resumes exactly after it.
@@ -172,17 +196,12 @@ class Source:
                     else ":lo_lead"
                 stage = "CAST(:lo_stage AS TEXT)" if isinstance(lo.stage, _Undecodable) \
                     else ":lo_stage"
-                where.append(
-                    f"(w._ls_ts > :lo_ts OR (w._ls_ts = :lo_ts AND (w.lead_id > {lead}"
-                    f" OR (w.lead_id = {lead} AND w.stage > {stage}))))"
-                )
-            else:
-                where.append("w._ls_ts >= :lo_ts")
-        return (
-            f"SELECT * FROM (SELECT src.*, {ts} AS _ls_ts FROM ({self.query}) src) w "
-            f"WHERE {' AND '.join(where)} "
-            "ORDER BY w._ls_ts, w.lead_id, w.stage LIMIT :page"
-        )
+                where += (f" AND ({ts} > :lo_ts OR w.lead_id > {lead}"
+                          f" OR (w.lead_id = {lead} AND w.stage > {stage}))")
+        rows += f" WHERE {where}"
+        if not ordered:
+            return rows
+        return f"{rows} ORDER BY {ts}, w.lead_id, w.stage LIMIT :page"
 
     def _params(self, window: Window, lo: Cursor | None, exact: bool) -> dict[str, Any]:
         params: dict[str, Any] = {"hi_ts": self._ts_param(window.hi), "page": self.page_size}
@@ -221,6 +240,7 @@ class Source:
         lo = window.lo
         exact = lo is not None and lo.lead_id is not None
         lenient = False
+        parse_ts = _sqlite_ts if self._sqlite else to_utc
         while True:
             params = self._params(window, lo, exact)
             n_page = 0
@@ -234,15 +254,22 @@ class Source:
                         result = conn.execution_options(
                             stream_results=True, yield_per=self.chunk_size
                         ).execute(text(self._sql(lo, exact)), params)
-                        for part in result.mappings().partitions(self.chunk_size):
+                        # Plain tuples zipped with the column names: a RowMapping per row,
+                        # turned into a dict, cost more than the rest of the read in Python.
+                        names = tuple(result.keys())
+                        if self._sqlite:  # _ls_ts, the last column (see _sql), stays out
+                            keys, at = names[:-1], len(names) - 1
+                        else:
+                            keys, at = names, names.index(self._ts_column)
+                        for part in result.partitions(self.chunk_size):
                             n_page += len(part)
                             chunk: list[dict[str, Any]] = []
-                            for mapping in part:
-                                row = dict(mapping)
+                            for values in part:
                                 if not lenient:
                                     # The cursor is the value the warehouse compares on
                                     # (SQLite: millisecond text), so resuming after it is exact.
-                                    ts = to_utc(row.pop("_ls_ts"))
+                                    row = dict(zip(keys, values, strict=False))
+                                    ts = parse_ts(values[at])
                                     if ts is not None:
                                         row["_cursor"] = Cursor(ts, row.get("lead_id"),
                                                                 str(row.get("stage")))
@@ -250,6 +277,8 @@ class Source:
                                         continue
                                     marker = _marker(row, None, ("updated_at",))
                                 else:
+                                    row = dict(zip(names, values, strict=True))
+                                    row.setdefault("_ls_ts", values[at])  # _unreadable's key
                                     found = self._unreadable(row)
                                     if found is None:
                                         cursor = _cursor(row)

@@ -461,6 +461,14 @@ def test_a_worker_process_gives_the_verdicts_of_the_task_process(tmp_path: Path)
     assert len(outcome[True][0]) == len(FAILING)
 
 
+def test_a_worker_process_finds_a_missing_column() -> None:
+    spec = ContractSpec.from_config(CONFIG, DEST, data_docs=False)
+    s = ContractSession(spec, "run-1", NOW, separate_process=True)
+    assert not s.check_columns([c for c in COLUMNS if c != "updated_at"])
+    report = s.finish()
+    assert not report.passed and "column=updated_at" in (report.tripped or "")
+
+
 def test_a_worker_process_that_dies_fails_the_check_with_a_clear_error() -> None:
     from leadsync.contract_worker import WorkerValidator
 
