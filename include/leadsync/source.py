@@ -150,8 +150,26 @@ def _sqlite_ts(value: Any) -> datetime | None:
         return to_utc(value)
 
 
+_TIME_COLUMNS = ("event_time", "updated_at")
+
+
+def _text_time(value: str) -> Any:
+    """SQLite's text timestamp as the aware UTC datetime Postgres would give; text that is not
+    a timestamp stays as it is (the data contract judges it ``bad_type``)."""
+    try:
+        parsed = to_utc(value)
+    except (OverflowError, ValueError):
+        return value
+    return value if parsed is None else parsed
+
+
 class Source:
-    """Reads the user's query in cursor order between a window's bounds."""
+    """Reads the user's query in cursor order between a window's bounds.
+
+    SQLite has no timestamp type: there, ``event_time`` and ``updated_at`` text that reads as
+    a timestamp is returned as an aware UTC datetime, as Postgres returns its timestamps, so
+    that the contract, the guard and the events parse it once, here.
+    """
 
     def __init__(self, engine: Engine, query: str, chunk_size: int = 5000,
                  page_size: int = 100_000) -> None:
@@ -269,6 +287,11 @@ class Source:
                                     # The cursor is the value the warehouse compares on
                                     # (SQLite: millisecond text), so resuming after it is exact.
                                     row = dict(zip(keys, values, strict=False))
+                                    if self._sqlite:
+                                        for column in _TIME_COLUMNS:
+                                            value = row.get(column)
+                                            if value.__class__ is str:
+                                                row[column] = _text_time(value)
                                     ts = parse_ts(values[at])
                                     if ts is not None:
                                         row["_cursor"] = Cursor(ts, row.get("lead_id"),
