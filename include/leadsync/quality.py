@@ -77,9 +77,10 @@ if TYPE_CHECKING:
     from leadsync.contract_worker import WorkerValidator
 
 # Batches handed to the worker process and still without a verdict, at most (memory bound:
-# their rows wait, hashed and encoded, ~13 MB per 10,000). Four keep the pass reading while
-# the worker still imports GX (about as long as four batches take to read and plan).
-MAX_BATCHES_IN_FLIGHT = 4
+# their rows wait, hashed and encoded). Measured at 200k rows: with 1 the pass waited ~3 s
+# for the worker's GX import and the task peaked at 350 MB; with 4 it did not wait and
+# peaked at 418 MB. Two: most of the gain, under 400 MB.
+MAX_BATCHES_IN_FLIGHT = 2
 
 MAX_ID_LENGTH = 128  # ls_quarantine.lead_id / ls_ledger.lead_id
 MAX_STAGE_LENGTH = 64  # ls_quarantine.stage / ls_ledger.stage
