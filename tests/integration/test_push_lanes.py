@@ -185,17 +185,22 @@ def test_the_claim_of_a_killed_lane_expires_and_another_lane_sends_the_batch(
     assert world.pipeline().commit("run1")["status"] == "success"
 
 
+def _thirty_leads_staged(tmp_path: Path, sandbox: Any, in_flight: int) -> tuple[World, int]:
+    """A fresh sandbox and SQLite world, 30 leads staged by run1 in batches of 5."""
+    requests.post(f"{sandbox.url}/_sandbox/reset", timeout=5).raise_for_status()
+    world = World(parse_config(lane_config(batch_size=5, lease_ttl="1m", in_flight=in_flight)),
+                  f"sqlite:///{tmp_path / 'wh.db'}", f"sqlite:///{tmp_path / 'st.db'}",
+                  sandbox.url)
+    demo_data.seed(make_engine(world.warehouse_url), 30, datetime.now(UTC))
+    return world, _staged(world, "run1")
+
+
 def test_a_lane_keeps_several_requests_in_flight_and_records_each_once(
         tmp_path: Path, sandbox: Any) -> None:
     """With the platform slow to answer, a lane's requests overlap (requests_in_flight): the
     lane takes about a quarter of the one-at-a-time time, and each batch is sent and recorded
     once."""
-    requests.post(f"{sandbox.url}/_sandbox/reset", timeout=5).raise_for_status()
-    world = World(parse_config(lane_config(batch_size=5, lease_ttl="1m", in_flight=4)),
-                  f"sqlite:///{tmp_path / 'wh.db'}", f"sqlite:///{tmp_path / 'st.db'}",
-                  sandbox.url)
-    demo_data.seed(make_engine(world.warehouse_url), 30, datetime.now(UTC))
-    batches = _staged(world, "run1")
+    world, batches = _thirty_leads_staged(tmp_path, sandbox, in_flight=4)
     assert batches >= 8
     delay = 0.5
     requests.post(f"{sandbox.url}/_sandbox/faults", json={"platform": "meta", "faults": [
@@ -219,12 +224,7 @@ def test_a_fatal_answer_stops_the_lane_after_recording_the_requests_in_flight(
     already in flight got, frees the failed batch and raises the error."""
     from leadsync.destinations.base import FatalDestinationError
 
-    requests.post(f"{sandbox.url}/_sandbox/reset", timeout=5).raise_for_status()
-    world = World(parse_config(lane_config(batch_size=5, lease_ttl="1m", in_flight=3)),
-                  f"sqlite:///{tmp_path / 'wh.db'}", f"sqlite:///{tmp_path / 'st.db'}",
-                  sandbox.url)
-    demo_data.seed(make_engine(world.warehouse_url), 30, datetime.now(UTC))
-    batches = _staged(world, "run1")
+    world, batches = _thirty_leads_staged(tmp_path, sandbox, in_flight=3)
     requests.post(f"{sandbox.url}/_sandbox/faults", json={"platform": "meta", "faults": [
         {"kind": "graph_error", "code": 190, "is_transient": False, "times": 1}]},
         timeout=5).raise_for_status()
