@@ -397,12 +397,19 @@ def _fmt_phases(run: DagRun, busy_s: float | None) -> str:
              f"check {_contract_s(run):.1f} (GX setup {p.get('gx_setup', 0):.1f}, "
              f"projection + validation or waiting for it {p.get('check', 0):.1f}, "
              f"verdict + Data Docs {p.get('verdict', 0):.1f}{gx})",
-             f"plan {p.get('plan', 0):.1f}", f"state {p.get('state', 0):.1f}",
-             f"push {push:.1f}"]
+             f"plan {p.get('plan', 0):.1f}", _fmt_state(p), f"push {push:.1f}"]
     if busy_s is not None:
         parts.append(f"(HTTP at the sink {busy_s:.1f})")
     parts.append(f"Airflow {run.wall_s - tasks:.1f}")
     return ", ".join(parts)
+
+
+def _fmt_state(p: dict[str, float]) -> str:
+    if "writer.state" not in p:
+        return f"state {p.get('state', 0):.1f}"
+    return (f"state {p.get('state', 0):.1f} (lookups, handing rows to the stage worker and "
+            f"waiting for its last write; in the stage worker, in parallel: writes "
+            f"{p['writer.state']:.1f}, peak RSS {p.get('writer.peak_rss_mb', 0):.0f} MB)")
 
 
 def _fmt_rss(run: DagRun) -> str:

@@ -122,6 +122,10 @@ class StateConfig(_Strict):
     connection_id: str = "leadsync_state"
     lease_ttl: Duration = timedelta(minutes=5)
     lease_wait: Duration = timedelta(seconds=30)
+    # Write what check_contract stages (outbox batches, ledger rows, quarantine entries) from
+    # a process of its own, on another core, while the task reads and plans the next rows
+    # (windows of 10,000 rows or more; an in-memory SQLite state store never).
+    writer_process: bool = True
 
 
 class RetryConfig(_Strict):

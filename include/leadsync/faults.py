@@ -92,3 +92,29 @@ def crash_point(name: str) -> None:
     if plan.mode == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     raise InjectedCrash(f"injected crash at {name} (hit {hit})")
+
+
+def remaining(name: str) -> tuple[str, int] | None:
+    """For a child process that reaches ``name`` on this process's behalf: the armed plan's
+    mode and how many more hits of ``name`` fire it (None: ``name`` is not armed)."""
+    plan = _armed
+    if plan is None:
+        env = os.environ.get(ENV_VAR)
+        plan = parse(env) if env else None
+    if plan is None or plan.point != name:
+        return None
+    left = plan.nth - _hits.get(name, 0)
+    return (plan.mode, left) if left >= 1 else None
+
+
+def reached(name: str, times: int) -> None:
+    """Counts ``times`` hits of ``name`` that a child process reached on this process's
+    behalf; the one the plan names crashes this process, as :func:`crash_point` would."""
+    for _ in range(times):
+        crash_point(name)
+
+
+def hits(name: str) -> int:
+    """How many times this process reached ``name`` while it was armed."""
+    with _lock:
+        return _hits.get(name, 0)

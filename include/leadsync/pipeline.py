@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from sqlalchemy import Engine
@@ -47,6 +47,9 @@ from leadsync.state import (
     StateStore,
     utcnow,
 )
+
+if TYPE_CHECKING:
+    from leadsync.stage_worker import RemoteStager
 
 log = logging.getLogger(__name__)
 
@@ -339,32 +342,30 @@ class _Item(msgspec.Struct, gc=False):
     keys: frozenset[str] = frozenset()  # identifier names the event carries (coverage)
 
 
-class _StagePass:
-    """One pass of :meth:`Pipeline.check`: settled rows, planning, held outbox batches.
+class _Stager:
+    """Decides each planned row once the contract's verdict on it is in, and writes what the
+    pass stages: held outbox batches with their pending ledger rows, terminal ledger rows and
+    quarantine entries.
 
-    Rows are planned as they are read and wait (hashed and encoded, a few hundred bytes each)
-    for the contract's verdict on their validation batch; then each is decided
-    (:func:`decide`) in the order it was read, and written in bulk: one outbox batch and its
-    ledger rows per transaction, terminal ledger rows and quarantine entries per group.
+    Rows wait (hashed and encoded, a few hundred bytes each) for the verdict on their
+    validation batch; then each is decided (:func:`decide`) in the order it was read, and
+    written in bulk: up to ten outbox batches and their ledger rows per transaction, terminal
+    ledger rows and quarantine entries per group. It runs in the check task's process, or, for
+    a large window, in a process of its own beside it (:mod:`leadsync.stage_worker`): it is
+    then the only writer of the pass, and gets the same calls, in the same order, over a pipe.
     """
 
-    def __init__(self, pipeline: Pipeline, run_id: str, now: datetime,
-                 watermark: Cursor | None) -> None:
-        self.state = pipeline.state
-        # Rows past the watermark are new to every run that committed: only the lookback's
-        # rows (at or before it) can have been settled, so only they are looked up.
-        self.settled_until = watermark.ts if watermark is not None else None
-        self.name = pipeline.dest.name
+    def __init__(self, state: StateStore, name: str, run_id: str, size: int,
+                 destination_type: str) -> None:
+        self.state = state
+        self.name = name
         self.run_id = run_id
-        self.planner = Planner(pipeline.dest, pipeline.module, now)
-        self.size = batch_size(pipeline.dest, pipeline.module)
+        self.size = size
         self.counts: Counter[str] = Counter()
         self.seconds: dict[str, float] = {}
-        self.position = 0  # rows handed to the contract (and planned) so far
-        self.last: Cursor | None = None  # the last row read
         self.waiting: deque[_Item] = deque()
         self.failed: set[int] = set()  # positions the contract turned away
-        self.open_quarantine = self.state.open_quarantine_keys(self.name)
+        self.open_quarantine = state.open_quarantine_keys(name)
         self.passed: set[tuple[str, str]] = set()
         self.envelopes: list[dict[str, Any]] = []
         self.records: list[LedgerRecord] = []
@@ -375,87 +376,33 @@ class _StagePass:
         self.group_ids: set[str | None] = set()  # ids decided in the current group
         self.prev: Cursor | None = None
         self.seq = 0
-        self.coverage = Coverage(pipeline.dest.type)  # identifier names of staged events
+        self.coverage = Coverage(destination_type)  # identifier names of staged events
 
     @contextmanager
     def timer(self, phase: str) -> Iterator[None]:
-        """Adds the block's wall time to ``phase`` (read, check, plan, state)."""
+        """Adds the block's wall time to ``phase``."""
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
-    def take(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Counts a chunk as read, skips its settled rows, plans the rest; returns the rest
-        (for the contract), in order."""
-        self.counts["read"] += len(chunk)
-        until = self.settled_until
-        known: dict[str, LedgerEntry] = {}
-        if until is not None and chunk[0]["_cursor"].ts <= until:
-            # Only a chunk that reaches back into the lookback can hold settled rows.
-            ids = [row_event_id(row) if row["_cursor"].ts <= until else None for row in chunk]
+    def add(self, items: list[_Item]) -> None:
+        """Rows planned, in the order read, awaiting their verdict."""
+        self.waiting.extend(items)
+
+    def quarantine(self, records: list[QuarantineRecord]) -> None:
+        """Writes quarantine entries (the contract's failures, counted by its report)."""
+        if records:
             with self.timer("state"):
-                known = self.state.ledger_lookup(self.name, [i for i in ids if i is not None])
-        else:
-            ids = [None] * len(chunk)
-        fresh: list[dict[str, Any]] = []
-        counts = self.counts
-        plan = self.planner.plan
-        prev = self.last
-        with self.timer("plan"):
-            for row, event_id in zip(chunk, ids, strict=True):
-                cursor: Cursor = row["_cursor"]
-                done = settled(known.get(event_id), cursor.ts) if known and event_id else None
-                if done is not None:
-                    counts[done] += 1
-                else:
-                    planned = plan(row)
-                    envelope = None
-                    keys: frozenset[str] = frozenset()
-                    if isinstance(planned, Planned):
-                        # Encoded now; the event's dict (~30 objects) is not kept waiting.
-                        envelope = planned.stored_envelope()
-                        keys = self.coverage.names(planned.body)
-                        planned = Planned(planned.event_id, planned.event_name,
-                                          planned.event_time, _NO_BODY)
-                    self.waiting.append(_Item(
-                        self.position, cursor, prev, str(row.get("lead_id"))[:128],
-                        str(row.get("stage"))[:64], quality.quarantine_key(row), planned,
-                        envelope, keys))
-                    self.position += 1
-                    fresh.append(row)
-                prev = cursor
-        self.last = prev
-        return fresh
+                self.state.quarantine_rows(self.name, self.run_id, records)
 
-    def unreadable(self, marker: UnreadableRow,
-                   session: quality.ContractSession | None, new: bool) -> None:
-        """A row the driver could not read: quarantined on its own (``unreadable_row``), in its
-        place in the order, so that the watermark can move past it; the pass goes on."""
-        self.counts["read"] += 1
-        if session is not None:
-            failure = session.add_unreadable(marker, is_new=new)  # counted by its report
-        else:
-            failure = quality.unreadable_failure(marker)
-            self.counts["quarantined"] += 1
-            self.counts[f"quarantined.{failure.rule}"] += 1
-        self.quarantine_failures([failure])
-        if marker.cursor is not None:
-            self.last = marker.cursor
-
-    def quarantine_failures(self, failures: list[quality.Failure]) -> None:
-        """Writes the contract's failures to quarantine (counted by its report)."""
-        if failures:
-            with self.timer("state"):
-                self.state.quarantine_rows(self.name, self.run_id,
-                                           [f.record() for f in failures])
-
-    def verdicts(self, failures: list[quality.Failure], validated: int) -> None:
-        """Takes the contract's verdicts up to position ``validated`` and decides those rows."""
-        self.quarantine_failures(failures)
-        self.failed.update(f.position for f in failures)
-        self.decide(validated)
+    def verdicts(self, records: list[QuarantineRecord], failed: list[int], upto: int) -> None:
+        """Takes the contract's verdicts up to position ``upto``: the failing rows (their
+        quarantine entries and positions), and decides the rows before ``upto``."""
+        self.quarantine(records)
+        self.failed.update(failed)
+        self.decide(upto)
 
     def decide(self, upto: int) -> None:
         """Decides and writes every waiting row before position ``upto``."""
@@ -560,11 +507,226 @@ class _StagePass:
                 self.state.analyze()
         crash_point("after_stage_batch")
 
-    def close(self) -> None:
-        """Decides what still waits (all validated by now) and writes the last batch."""
-        self.decide(self.position)
-        self.flush()
-        self.write()
+    def close(self, decide: bool = True) -> StageResult:
+        """Decides what still waits (all validated by now) and writes the last batch, unless
+        the check failed (``decide`` false: what waits is dropped); gives what the pass
+        counted."""
+        if decide:
+            self.decide(self.waiting[-1].position + 1 if self.waiting else 0)
+            self.flush()
+            self.write()
+        return self.result()
+
+    def result(self) -> StageResult:
+        """What the pass counted, the coverage of its staged events, the open quarantine
+        entries whose rows passed, and the time spent writing."""
+        return StageResult(dict(self.counts), self.coverage.events, dict(self.coverage.keys),
+                           self.passed, dict(self.seconds))
+
+
+class StageResult(msgspec.Struct, frozen=True):
+    """What a :class:`_Stager` hands back when its pass ends."""
+
+    counts: dict[str, int]
+    coverage_events: int
+    coverage_keys: dict[str, int]
+    passed: set[tuple[str, str]]
+    seconds: dict[str, float]
+
+
+# A window this large (rows read by the time its first rows are decided) is staged by a
+# process of its own (state.writer_process); a smaller one in the task's process, where a
+# worker's start (a second of CPU) would cost more than it saves.
+WRITER_PROCESS_MIN_ROWS = 10_000
+
+
+class _StagePass:
+    """One pass of :meth:`Pipeline.check`: settled rows, planning, and the stager.
+
+    Rows are planned as they are read and handed, with the contract's verdicts, to a
+    :class:`_Stager` (in this process, or in a stage worker process for a large window): it
+    decides them in the order they were read and writes the held outbox batches. Until the
+    first rows are decided, what the stager would be told is kept here, and given to it in
+    order once it starts.
+    """
+
+    def __init__(self, pipeline: Pipeline, run_id: str, now: datetime,
+                 watermark: Cursor | None) -> None:
+        self.state = pipeline.state
+        # Rows past the watermark are new to every run that committed: only the lookback's
+        # rows (at or before it) can have been settled, so only they are looked up.
+        self.settled_until = watermark.ts if watermark is not None else None
+        self.name = pipeline.dest.name
+        self.dest_type = pipeline.dest.type
+        self.run_id = run_id
+        self.planner = Planner(pipeline.dest, pipeline.module, now)
+        self.size = batch_size(pipeline.dest, pipeline.module)
+        self.counts: Counter[str] = Counter()
+        self.seconds: dict[str, float] = {}
+        self.position = 0  # rows handed to the contract (and planned) so far
+        self.last: Cursor | None = None  # the last row read
+        self.coverage = Coverage(pipeline.dest.type)  # identifier names of staged events
+        self.passed: set[tuple[str, str]] = set()  # open quarantine entries whose rows passed
+        self.writer_process = pipeline.config.state.writer_process and _shareable(self.state)
+        self.stager: _Stager | RemoteStager | None = None
+        self.queued: list[tuple[Any, ...]] = []  # calls for the stager, until it starts
+        self.items: list[_Item] = []  # planned rows not handed to the stager yet
+        self.verdicts_upto = 0  # rows before this position have their verdict
+
+    @contextmanager
+    def timer(self, phase: str) -> Iterator[None]:
+        """Adds the block's wall time to ``phase`` (read, check, plan, state)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def _hand_over(self) -> None:
+        if self.items:
+            items, self.items = self.items, []
+            self._send("add", items)
+
+    def _call(self, method: str, *args: Any) -> None:
+        """Tells the stager what to do next, after the rows planned meanwhile."""
+        self._hand_over()
+        self._send(method, *args)
+
+    def _send(self, method: str, *args: Any) -> None:
+        if self.stager is None:
+            self.queued.append((method, *args))
+            if method in ("verdicts", "decide"):  # rows are to be decided: it starts
+                self._start()
+            return
+        if isinstance(self.stager, _Stager):
+            getattr(self.stager, method)(*args)  # it times its own writes
+        else:
+            with self.timer("state"):  # handing over (the writes are the worker's)
+                getattr(self.stager, method)(*args)
+
+    def _start(self) -> None:
+        if self.writer_process and self.counts["read"] >= WRITER_PROCESS_MIN_ROWS:
+            from leadsync.stage_worker import RemoteStager
+
+            with self.timer("state"):
+                self.stager = RemoteStager(self.state, self.name, self.run_id, self.size,
+                                           self.dest_type)
+        else:
+            self.stager = _Stager(self.state, self.name, self.run_id, self.size,
+                                  self.dest_type)
+        queued, self.queued = self.queued, []
+        for method, *args in queued:
+            self._send(method, *args)
+
+    def take(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Counts a chunk as read, skips its settled rows, plans the rest; returns the rest
+        (for the contract), in order."""
+        self.counts["read"] += len(chunk)
+        until = self.settled_until
+        known: dict[str, LedgerEntry] = {}
+        if until is not None and chunk[0]["_cursor"].ts <= until:
+            # Only a chunk that reaches back into the lookback can hold settled rows.
+            ids = [row_event_id(row) if row["_cursor"].ts <= until else None for row in chunk]
+            with self.timer("state"):
+                known = self.state.ledger_lookup(self.name, [i for i in ids if i is not None])
+        else:
+            ids = [None] * len(chunk)
+        fresh: list[dict[str, Any]] = []
+        counts = self.counts
+        plan = self.planner.plan
+        prev = self.last
+        items = self.items
+        with self.timer("plan"):
+            for row, event_id in zip(chunk, ids, strict=True):
+                cursor: Cursor = row["_cursor"]
+                done = settled(known.get(event_id), cursor.ts) if known and event_id else None
+                if done is not None:
+                    counts[done] += 1
+                else:
+                    planned = plan(row)
+                    envelope = None
+                    keys: frozenset[str] = frozenset()
+                    if isinstance(planned, Planned):
+                        # Encoded now; the event's dict (~30 objects) is not kept waiting.
+                        envelope = planned.stored_envelope()
+                        keys = self.coverage.names(planned.body)
+                        planned = Planned(planned.event_id, planned.event_name,
+                                          planned.event_time, _NO_BODY)
+                    items.append(_Item(
+                        self.position, cursor, prev, str(row.get("lead_id"))[:128],
+                        str(row.get("stage"))[:64], quality.quarantine_key(row), planned,
+                        envelope, keys))
+                    self.position += 1
+                    fresh.append(row)
+                prev = cursor
+        self.last = prev
+        if self.stager is not None:
+            self._hand_over()
+        return fresh
+
+    def unreadable(self, marker: UnreadableRow,
+                   session: quality.ContractSession | None, new: bool) -> None:
+        """A row the driver could not read: quarantined on its own (``unreadable_row``), in its
+        place in the order, so that the watermark can move past it; the pass goes on."""
+        self.counts["read"] += 1
+        if session is not None:
+            failure = session.add_unreadable(marker, is_new=new)  # counted by its report
+        else:
+            failure = quality.unreadable_failure(marker)
+            self.counts["quarantined"] += 1
+            self.counts[f"quarantined.{failure.rule}"] += 1
+        self.quarantine_failures([failure])
+        if marker.cursor is not None:
+            self.last = marker.cursor
+
+    def quarantine_failures(self, failures: list[quality.Failure]) -> None:
+        """Quarantines the contract's failures (counted by its report)."""
+        if failures:
+            self._call("quarantine", [f.record() for f in failures])
+
+    def verdicts(self, failures: list[quality.Failure], validated: int) -> None:
+        """Takes the contract's verdicts up to position ``validated``; the rows before it are
+        decided."""
+        if not failures and validated <= self.verdicts_upto:
+            return  # nothing new (the contract validates whole batches)
+        self.verdicts_upto = validated
+        self._call("verdicts", [f.record() for f in failures],
+                   [f.position for f in failures], validated)
+
+    def decide(self, upto: int) -> None:
+        """Decides and writes every waiting row before position ``upto``."""
+        self._call("decide", upto)
+
+    def close(self, decide: bool = True) -> None:
+        """Decides what still waits (all validated by now) and writes the last batch, unless
+        the check failed (``decide`` false); takes what the stager counted."""
+        if self.stager is None:
+            if not decide or (not self.items and not self.queued):
+                self.items, self.queued = [], []
+                return
+            self._call("decide", self.position)
+        elif decide:
+            self._hand_over()
+        stager, self.stager = self.stager, None
+        assert stager is not None
+        if isinstance(stager, _Stager):
+            result = stager.close(decide)
+        else:
+            with self.timer("state"):
+                result = stager.close(decide)
+        self.counts.update(result.counts)
+        self.coverage.events += result.coverage_events
+        self.coverage.keys.update(result.coverage_keys)
+        self.passed = result.passed
+        for phase, seconds in result.seconds.items():
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    def kill(self) -> None:
+        """Stops a stage worker at once (the check is unwinding: what it staged stays held,
+        never sendable, and the next attempt discards it)."""
+        stager, self.stager = self.stager, None
+        if stager is not None and not isinstance(stager, _Stager):
+            stager.kill()
 
     def resolve_quarantine(self) -> int:
         """Resolves the open quarantine entries whose rows passed this time; returns how many."""
@@ -572,6 +734,12 @@ class _StagePass:
             return 0
         with self.timer("state"):
             return self.state.resolve_quarantine(self.name, sorted(self.passed))
+
+
+def _shareable(state: StateStore) -> bool:
+    """Whether another process can open the state store (not an in-memory SQLite)."""
+    url = state.engine.url
+    return not (url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"))
 
 
 class _Contract:
@@ -725,25 +893,29 @@ class Pipeline:
         pass_ = _StagePass(self, run_id, self.clock(), run["watermark_before"])
         report: quality.ContractReport | None = None
         with self.state.heartbeat(name, run_id, self.config.state.lease_ttl):
-            if contract.enabled:
-                spec = quality.ContractSpec.from_config(self.config, self.dest)
-                columns = quality.source_columns(self.warehouse, source.query)
-                lazy = _Contract(spec, run_id, self.clock(), columns, pass_,
-                                 separate_process=contract.separate_process)
-                try:
-                    aborted: str | None = None
-                    if lazy.columns_ok:
-                        aborted = self._read_window(pass_, lazy, source, window,
-                                                    run["watermark_before"])
-                    with pass_.timer("verdict"):  # the last batch, the breaker, the Data Docs
-                        report = lazy.finish(aborted)
-                finally:
-                    lazy.close()
-            else:
-                source.check_columns()
-                self._read_window(pass_, None, source, window, run["watermark_before"])
-            if report is None or report.passed:
-                pass_.close()  # the last rows decided, the last batch written (held)
+            try:
+                if contract.enabled:
+                    spec = quality.ContractSpec.from_config(self.config, self.dest)
+                    columns = quality.source_columns(self.warehouse, source.query)
+                    lazy = _Contract(spec, run_id, self.clock(), columns, pass_,
+                                     separate_process=contract.separate_process)
+                    try:
+                        aborted: str | None = None
+                        if lazy.columns_ok:
+                            aborted = self._read_window(pass_, lazy, source, window,
+                                                        run["watermark_before"])
+                        with pass_.timer("verdict"):  # the last batch, breaker, Data Docs
+                            report = lazy.finish(aborted)
+                    finally:
+                        lazy.close()
+                else:
+                    source.check_columns()
+                    self._read_window(pass_, None, source, window, run["watermark_before"])
+                # The last rows decided and the last batch written (held), unless the breaker
+                # tripped; the stager's counts either way.
+                pass_.close(decide=report is None or report.passed)
+            finally:
+                pass_.kill()  # a stage worker left running by an error stops here
         counts = pass_.counts
         if report is not None:
             counts["checked"] = report.rows

@@ -1,0 +1,242 @@
+"""What ``check_contract`` stages, written from a process of its own (``state.writer_process``).
+
+The check task reads, plans and hands the contract its rows on one core; this worker decides
+each planned row once its verdict is in and writes what the pass stages (held outbox batches
+with their pending ledger rows, terminal ledger rows, quarantine entries) on another. Writing
+is mostly the database's own work; in a thread of the task it would still wait for Python's
+global interpreter lock, which the reading and planning hold, once per row (SQLite's
+``executemany`` gives the lock back between rows): measured 1.7 s alone, 9.6 s beside a busy
+thread for 50,000 ledger rows.
+
+The worker is ``python -m leadsync.stage_worker``. It gets the calls of
+:class:`leadsync.pipeline._Stager` pickled on stdin, in the order the task makes them, runs
+them on its own connection to the state store, and answers once, at the end (8-byte length,
+then the pickle, on its stdout): what the pass counted, or its error. It is the only writer of
+the pass; the task reads the ledger meanwhile (settled rows of the lookback), which WAL
+(SQLite) and MVCC (Postgres) allow. It ends when its stdin closes, and writes nothing more once
+its task process is gone, so a killed task leaves nothing running and nothing sendable: what
+it staged is held, and the next attempt discards it.
+
+What crosses the pipe: the state store's URL, the planned rows (event ids, CRM lead ids and
+stages, cursors, hashed and encoded event bodies; never a raw identifier) and counts back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import resource
+import select
+import subprocess
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from leadsync import faults
+from leadsync.contract_worker import _recv, _send
+
+if TYPE_CHECKING:
+    from leadsync.pipeline import StageResult
+    from leadsync.state import StateStore
+
+_POINT = "after_stage_batch"  # the crash point the stager reaches
+_STOP = object()
+# Calls waiting to be pickled and handed over: the bound on what the task runs ahead of the
+# worker (a chunk of planned rows is ~5 MB).
+_QUEUED_CALLS = 8
+
+
+class StageWorkerError(RuntimeError):
+    """The stage worker failed (its error, redacted, is the message)."""
+
+
+class RemoteStager:
+    """A :class:`leadsync.pipeline._Stager` in a worker process: same calls; answers at
+    :meth:`close`, or with the first error (raised at the next call)."""
+
+    def __init__(self, state: StateStore, name: str, run_id: str, size: int,
+                 destination_type: str) -> None:
+        # The worker never arms a crash point from the environment: this process tells it
+        # where to stop, and crashes itself there (faults.reached).
+        env = {k: v for k, v in os.environ.items() if k != faults.ENV_VAR}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "leadsync.stage_worker"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, env=env, bufsize=0)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.out = self.proc.stdout.fileno()
+        self.calls: queue.Queue[Any] = queue.Queue(maxsize=_QUEUED_CALLS)
+        self.broken: str | None = None
+        self.peak_rss_mb = 0.0
+        self.writer = threading.Thread(target=self._write, name="stage-worker-writer",
+                                       daemon=True)
+        self.writer.start()
+        url = state.engine.url.render_as_string(hide_password=False)
+        self._put(("init", url, name, run_id, size, destination_type,
+                   faults.remaining(_POINT)))
+
+    def _write(self) -> None:
+        assert self.proc.stdin is not None
+        fd = self.proc.stdin.fileno()
+        while (message := self.calls.get()) is not _STOP:
+            try:
+                _send(fd, message)
+            except OSError as exc:  # the worker died; its answer (or its absence) says why
+                self.broken = str(exc)
+                return
+
+    def _put(self, message: Any) -> None:
+        if select.select([self.out], [], [], 0)[0]:
+            self._answer()  # the worker answered early: an error or a crash, raised here
+        while True:
+            try:
+                self.calls.put(message, timeout=0.5)
+                return
+            except queue.Full:
+                if self.broken is not None or self.proc.poll() is not None:
+                    self._answer()
+
+    def _answer(self) -> StageResult:
+        message = _recv(self.out)
+        if message is None:
+            try:
+                code: int | None = self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
+            raise StageWorkerError(
+                "the stage worker process stopped"
+                + (f" (exit code {code})" if code is not None else "")
+                + " before answering; its error, if any, is in the task log above")
+        status, payload, hits, peak_kib = message
+        self.peak_rss_mb = max(self.peak_rss_mb, peak_kib / 1024)
+        faults.reached(_POINT, hits)  # a crash the worker stopped at happens here
+        if status != "ok":
+            raise StageWorkerError(f"staging failed (in the stage worker): {payload}")
+        result: StageResult = payload
+        return result
+
+    def add(self, items: list[Any]) -> None:
+        self._put(("add", items))
+
+    def quarantine(self, records: list[Any]) -> None:
+        self._put(("quarantine", records))
+
+    def verdicts(self, records: list[Any], failed: list[int], upto: int) -> None:
+        self._put(("verdicts", records, failed, upto))
+
+    def decide(self, upto: int) -> None:
+        self._put(("decide", upto))
+
+    def close(self, decide: bool = True) -> StageResult:
+        """The last rows decided and written (unless not ``decide``); what the pass counted,
+        its seconds named ``writer.*`` (spent in parallel with the task)."""
+        self._put(("close", decide))
+        result = self._answer()
+        self._end()
+        from leadsync.pipeline import StageResult
+
+        seconds = {f"writer.{k}": v for k, v in result.seconds.items()}
+        seconds["writer.peak_rss_mb"] = self.peak_rss_mb
+        return StageResult(result.counts, result.coverage_events, result.coverage_keys,
+                           result.passed, seconds)
+
+    def _end(self) -> None:
+        try:
+            self.calls.put(_STOP, timeout=5)
+        except queue.Full:
+            pass
+        self.writer.join(timeout=5)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def kill(self) -> None:
+        """Stops the worker now, whatever it was doing (the check is unwinding)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        while True:  # unblocks the writer thread
+            try:
+                self.calls.get_nowait()
+            except queue.Empty:
+                break
+        self.calls.put(_STOP)
+        self.writer.join(timeout=5)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+
+
+def _die_with_parent() -> None:
+    """Asks Linux to kill this process when the task process dies (best effort)."""
+    with contextlib.suppress(Exception):  # elsewhere the parent check in main() suffices
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def main() -> int:
+    """The worker's loop (``python -m leadsync.stage_worker``)."""
+    from leadsync.db import make_engine
+    from leadsync.pipeline import _Stager
+    from leadsync.redact import clean_error
+    from leadsync.state import StateStore
+
+    out = os.dup(1)
+    os.dup2(2, 1)  # stray prints go to stderr, never into the answer
+    parent = os.getppid()
+    _die_with_parent()
+    stager: _Stager | None = None
+    engine = None
+
+    def answer(status: str, payload: Any) -> None:
+        hits = faults.hits(_POINT)
+        _send(out, (status, payload, hits, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+
+    try:
+        while (message := _recv(0)) is not None:
+            if os.getppid() != parent:
+                return 1  # the task is gone: nothing more is written
+            method, *args = message
+            try:
+                if method == "init":
+                    url, name, run_id, size, destination_type, crash = args
+                    if crash is not None:
+                        faults.arm(_POINT, "raise", crash[1])
+                    engine = make_engine(url)
+                    started = time.perf_counter()
+                    stager = _Stager(StateStore(engine), name, run_id, size, destination_type)
+                    stager.seconds["state"] = time.perf_counter() - started
+                elif stager is None:
+                    raise StageWorkerError("the stager was not set up")
+                elif method == "close":
+                    answer("ok", stager.close(*args))
+                    return 0
+                else:
+                    getattr(stager, method)(*args)
+            except faults.InjectedCrash:
+                answer("crash", None)  # the task crashes at this point in its stead
+                return 0
+            except Exception as exc:  # noqa: BLE001 - reported to the task, which fails clearly
+                answer("error", clean_error(exc))
+                return 1
+        return 0
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
