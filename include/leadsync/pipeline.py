@@ -534,6 +534,8 @@ class StageResult(msgspec.Struct, frozen=True):
     seconds: dict[str, float]
 
 
+# Planned rows per message to a stage worker.
+_HAND_OVER_ROWS = 2_000
 # A window this large (rows read by the time its first rows are decided) is staged by a
 # process of its own (state.writer_process); a smaller one in the task's process, where a
 # worker's start (a second of CPU) would cost more than it saves.
@@ -583,9 +585,11 @@ class _StagePass:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def _hand_over(self) -> None:
-        if self.items:
-            items, self.items = self.items, []
-            self._send("add", items)
+        items, self.items = self.items, []
+        # In parts: rows planned before the stager started (a contract batch or two) would
+        # otherwise cross the pipe as one message, held twice over on both sides.
+        for start in range(0, len(items), _HAND_OVER_ROWS):
+            self._send("add", items[start:start + _HAND_OVER_ROWS])
 
     def _call(self, method: str, *args: Any) -> None:
         """Tells the stager what to do next, after the rows planned meanwhile."""

@@ -44,8 +44,8 @@ if TYPE_CHECKING:
 _POINT = "after_stage_batch"  # the crash point the stager reaches
 _STOP = object()
 # Calls waiting to be pickled and handed over: the bound on what the task runs ahead of the
-# worker (a chunk of planned rows is ~5 MB).
-_QUEUED_CALLS = 8
+# worker (up to 2,000 planned rows each, ~3 MB).
+_QUEUED_CALLS = 4
 
 
 class StageWorkerError(RuntimeError):
