@@ -965,18 +965,28 @@ class Pipeline:
         """Streams the window once through the settled-row lookup, the contract and the
         planner; returns why it stopped early, if it did."""
         same_key_rows: Callable[[Mapping[str, Any]], int] | None = None
-        if contract is not None:
-            spec = contract.spec
+        counted = contract is None  # the window's duplicated keys, counted once needed
+
+        def count_keys() -> str | None:
+            """Counts the window's duplicated (lead_id, stage) keys, for the contract's
+            duplicate rule: only once a row is to be validated (a window the ledger all
+            settled never needs it, and the count scans the whole window)."""
+            nonlocal counted, same_key_rows
+            if counted:
+                return None
+            counted = True
+            assert contract is not None
+            cap = contract.spec.max_quarantined_rows
             with pass_.timer("check"):
-                duplicated = quality.window_key_counts(source, window, spec.max_quarantined_rows)
-            if len(duplicated) > spec.max_quarantined_rows:
-                return (f"more than {spec.max_quarantined_rows} (lead_id, stage) keys occur "
-                        "more than once in the window: the source query probably fans out "
-                        "(a join)")
+                duplicated = quality.window_key_counts(source, window, cap)
+            if len(duplicated) > cap:
+                return (f"more than {cap} (lead_id, stage) keys occur more than once in the "
+                        "window: the source query probably fans out (a join)")
             if duplicated:
                 def same_key_rows(row: Mapping[str, Any]) -> int:
                     return duplicated.get(
                         quality.duplicate_key(row.get("lead_id"), row.get("stage")), 1)
+            return None
 
         watermark = run_watermark
 
@@ -993,6 +1003,8 @@ class Pipeline:
                     break
                 if isinstance(chunk, UnreadableRow):
                     cursor = chunk.cursor
+                    if (stop := count_keys()) is not None:
+                        return stop
                     session = contract.open() if contract is not None else None
                     pass_.unreadable(chunk, session, cursor is None or watermark is None
                                      or cursor.ts > watermark.ts)
@@ -1003,6 +1015,8 @@ class Pipeline:
                 if contract is None:
                     pass_.decide(pass_.position)
                 elif fresh:
+                    if (stop := count_keys()) is not None:
+                        return stop
                     session = contract.open()
                     with pass_.timer("check"):
                         failures = session.add(fresh, same_key_rows, is_new=is_new)
@@ -1022,7 +1036,8 @@ class Pipeline:
             pass_.verdicts(failures, pass_.position)
         if self.config.contract.scan_null_cursor:
             with pass_.timer("check"):
-                outside = quality.null_cursor_rows(source, spec.max_quarantined_rows + 1)
+                outside = quality.null_cursor_rows(source,
+                                                   contract.spec.max_quarantined_rows + 1)
                 if outside:
                     session = contract.open()
                     pass_.quarantine_failures(session.add(outside, outside_window=True)
