@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from functools import cache, lru_cache
+from operator import itemgetter
 from typing import Any, Final, NamedTuple
 
 import phonenumbers
@@ -1168,12 +1169,25 @@ def _compile_rules(name: str, steps: tuple[_Step, ...], as_lists: bool) -> Calla
 
     It does what :func:`_apply_rules` does, without the per-rule loop, unpacking and branching
     on the rule's kind: every row of every run goes through it, and unrolled it takes about a
-    quarter less time. Column and key names are embedded with ``repr`` (any string is safe);
-    normalisers, memos and helpers are bound as default arguments (local variables, the
-    fastest lookup); ``_MEMO_MAX`` is read from this module's globals.
+    quarter less time. The columns are read once each (a country column feeds several rules),
+    all at once with an ``itemgetter`` when the row is a plain dict holding them all (source
+    rows are), else with ``row.get``. A memoised rule tries its memo first for a text value
+    (the common case) and checks the other memoisable types after. Column and key names are
+    embedded with ``repr`` (any string is safe); normalisers, memos and helpers are bound as
+    default arguments (local variables, the fastest lookup); ``_MEMO_MAX`` is read from this
+    module's globals.
     """
+    columns: list[str] = []
+    for _key, column, kind, _fn, country, _hashed, _memo in steps:
+        for name_ in (column, country) if kind == 1 else (column,):
+            if name_ not in columns:
+                columns.append(name_)
+    local = {column: f"c{i}" for i, column in enumerate(columns)}
     bound: dict[str, Any] = {"_MEMO_TYPES": _MEMO_TYPES, "_MISS": _MISS, "_sha256": _sha256,
-                             "is_sha256": is_sha256}
+                             "is_sha256": is_sha256, "_columns": tuple(columns),
+                             "_dict": dict}
+    if len(columns) > 1:
+        bound["_getter"] = itemgetter(*columns)
     params = [f"{name}={name}" for name in bound]
     lines: list[str] = []
 
@@ -1188,7 +1202,8 @@ def _compile_rules(name: str, steps: tuple[_Step, ...], as_lists: bool) -> Calla
             emit(indent + 1, f"{target} = raw.strip().lower()")
             emit(indent, "else:")
             indent += 1
-        call = {0: f"_fn{i}(raw)", 1: f"_fn{i}(raw, get({country!r}))", 2: f"_fn{i}(row)"}[kind]
+        call = {0: f"_fn{i}(raw)", 1: f"_fn{i}(raw, {local.get(country)})",
+                2: f"_fn{i}(row)"}[kind]
         if not hashed:
             emit(indent, f"{target} = {call}")
             return
@@ -1201,10 +1216,15 @@ def _compile_rules(name: str, steps: tuple[_Step, ...], as_lists: bool) -> Calla
         emit(indent + 1, "except UnicodeEncodeError:")
         emit(indent + 2, f"{target} = None")
 
+    def remember(indent: int, i: int, mkey: str) -> None:
+        emit(indent, f"if len(_memo{i}) >= _MEMO_MAX:")
+        emit(indent + 1, f"_memo{i}.clear()")
+        emit(indent, f"_memo{i}[{mkey}] = value")
+
     for i, (key, column, kind, fn, country, hashed, memo) in enumerate(steps):
         bound[f"_fn{i}"] = fn
         params.append(f"_fn{i}=_fn{i}")
-        emit(1, f"raw = get({column!r})")
+        emit(1, f"raw = {local[column]}")
         emit(1, "if raw is not None:")
         if memo is None:
             compute(2, i, kind, column, country, hashed, "value")
@@ -1212,29 +1232,44 @@ def _compile_rules(name: str, steps: tuple[_Step, ...], as_lists: bool) -> Calla
             bound[f"_memo{i}"] = memo
             params.append(f"_memo{i}=_memo{i}")
             # Exact types only: True == 1 == 1.0 as dict keys, yet they normalise differently.
-            emit(2, "if raw.__class__ in _MEMO_TYPES:")
             if kind == 0:
-                emit(3, "mkey = raw")
+                emit(2, "if raw.__class__ is str or raw.__class__ in _MEMO_TYPES:")
+                emit(3, f"value = _memo{i}.get(raw, _MISS)")
+                emit(3, "if value is _MISS:")
+                compute(4, i, kind, column, country, hashed, "value")
+                remember(4, i, "raw")
             else:
                 # Countries that compare equal (1, 1.0, True) all normalise to "no country".
-                emit(3, f"mkey = (raw, get({country!r}))")
-            emit(3, "try:")
-            emit(4, f"value = _memo{i}.get(mkey, _MISS)")
-            emit(3, "except TypeError:  # an unhashable country: compute without the memo")
-            emit(4, "mkey = None")
-            emit(4, "value = _MISS")
-            emit(3, "if value is _MISS:")
-            compute(4, i, kind, column, country, hashed, "value")
-            emit(4, "if mkey is not None:")
-            emit(5, f"if len(_memo{i}) >= _MEMO_MAX:")
-            emit(6, f"_memo{i}.clear()")
-            emit(5, f"_memo{i}[mkey] = value")
+                emit(2, "if raw.__class__ is str or raw.__class__ in _MEMO_TYPES:")
+                emit(3, f"mkey = (raw, {local[country]})")
+                emit(3, "try:")
+                emit(4, f"value = _memo{i}.get(mkey, _MISS)")
+                emit(3, "except TypeError:  # an unhashable country: compute without the memo")
+                emit(4, "mkey = None")
+                emit(4, "value = _MISS")
+                emit(3, "if value is _MISS:")
+                compute(4, i, kind, column, country, hashed, "value")
+                emit(4, "if mkey is not None:")
+                remember(5, i, "mkey")
             emit(2, "else:")
             compute(3, i, kind, column, country, hashed, "value")
         emit(2, "if value is not None:")
         emit(3, f"out[{key!r}] = [value]" if as_lists else f"out[{key!r}] = value")
+    names = ", ".join(local[c] for c in columns)
+    if len(columns) > 1:
+        read = ["    if row.__class__ is _dict:",
+                "        try:",
+                f"            {names} = _getter(row)",
+                "        except KeyError:",
+                f"            {names} = map(row.get, _columns)",
+                "    else:",
+                f"        {names} = map(row.get, _columns)"]
+    elif columns:
+        read = [f"    {names} = row.get({columns[0]!r})"]
+    else:
+        read = []
     head = ", ".join(["row", *params])
-    source = "\n".join([f"def apply({head}):", "    out = {}", "    get = row.get", *lines,
+    source = "\n".join([f"def apply({head}):", *read, "    out = {}", *lines,
                         "    return out", ""])
     code = compile(source, f"<leadsync.identity rules {name!r}>", "exec")
     exec(code, globals(), bound)  # noqa: S102 - the source is generated above
