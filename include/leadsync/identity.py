@@ -776,7 +776,8 @@ def _phone_parts(value: object, country: object) -> tuple[str, str] | None:
 # Per calling code, what the common international case needs: the national prefix's match
 # (None when the plan has none) and the national lengths that are possible for the code and
 # give 7 to 15 digits in all; None when the code has no plan the fast path mirrors.
-_PlusPlan = tuple[Callable[[str], Any] | None, frozenset[int]]
+# A prefix that is plain digits ("1" for +1, "0" for most of Europe) is compared as text.
+_PlusPlan = tuple[str | None, Callable[[str], Any] | None, frozenset[int]]
 _PLUS_PLANS: dict[str, _PlusPlan | None] = {}
 
 
@@ -785,7 +786,13 @@ def _plus_plan(cc: str) -> _PlusPlan | None:
     fast: _PlusPlan | None = None
     if plan is not None:
         lengths = frozenset(n for n in plan.possible if n >= 2 and 7 <= len(cc) + n <= 15)
-        fast = (None if plan.prefix is None else plan.prefix.match, lengths)
+        prefix = plan.prefix
+        if prefix is None:
+            fast = (None, None, lengths)
+        elif prefix.pattern.isdigit() and prefix.pattern.isascii() and not prefix.flags & ~re.U:
+            fast = (prefix.pattern, None, lengths)
+        else:
+            fast = (None, prefix.match, lengths)
     _PLUS_PLANS[cc] = fast
     return fast
 
@@ -813,10 +820,13 @@ def _plus_digits(text: str) -> str | None:
         fast = _plus_plan(cc)
     if fast is None:
         return _SLOW
-    match, lengths = fast
+    literal, match, lengths = fast
     national = digits[len(cc) :]
-    if match is not None and match(national) is not None:
-        return _SLOW  # a national prefix to strip, maybe: the general path decides
+    if literal is not None:
+        if national.startswith(literal):
+            return _SLOW  # a national prefix to strip, maybe: the general path decides
+    elif match is not None and match(national) is not None:
+        return _SLOW
     if len(national) not in lengths or national == national[0] * len(national):
         return None
     return digits

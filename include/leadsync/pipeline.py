@@ -158,8 +158,9 @@ class Planner:
         own = row.get("event_id")
         if own is None:
             # derive_event_id, inline (it runs for most rows): the same text, the same hash.
+            # (The first 16 bytes in hex are the first 32 hex digits.)
             event_id = "ls_" + _sha256(f"leadsync|{row['lead_id']}|{stage}".encode()
-                                       ).hexdigest()[:32]
+                                       ).digest()[:16].hex()
         else:
             event_id = row_event_id(row)
         dest = self.dest
