@@ -805,12 +805,15 @@ def _plus_digits(text: str) -> str | None:
     no national prefix to strip, a possible length, 7 to 15 digits, not a placeholder. The
     calling code and the national number then are the digits as written.
     """
-    digits = text.strip().replace(" ", "").replace("-", "").replace("(", "").replace(")", "")
-    digits = digits.replace(".", "")
+    digits = text.strip().replace(" ", "")
     if digits[:1] != "+":
         return _SLOW
     digits = digits[1:]
-    if not (digits.isdigit() and digits.isascii() and 3 <= len(digits) <= 20):
+    if not digits.isdigit():  # the other separators (removing them in any order is the same)
+        digits = digits.replace("-", "").replace("(", "").replace(")", "").replace(".", "")
+        if not digits.isdigit():
+            return _SLOW
+    if not (digits.isascii() and 3 <= len(digits) <= 20):
         return _SLOW
     cc = _CALLING_CODE_OF.get(digits[:3])
     if cc is None:
@@ -1303,14 +1306,15 @@ def _compile_rules(name: str, steps: tuple[_Step, ...], as_lists: bool) -> Calla
             params.append(f"_memo{i}=_memo{i}")
             # Exact types only: True == 1 == 1.0 as dict keys, yet they normalise differently.
             if kind == 0:
-                emit(2, "if raw.__class__ is str or raw.__class__ in _MEMO_TYPES:")
-                emit(3, f"value = _memo{i}.get(raw, _MISS)")
-                emit(3, "if value is _MISS:")
+                emit(2, "if type(raw) is str or type(raw) in _MEMO_TYPES:")
+                emit(3, "try:")
+                emit(4, f"value = _memo{i}[raw]")
+                emit(3, "except KeyError:")
                 compute(4, i, kind, column, country, hashed, "value")
                 remember(4, i, "raw")
             else:
                 # Countries that compare equal (1, 1.0, True) all normalise to "no country".
-                emit(2, "if raw.__class__ is str or raw.__class__ in _MEMO_TYPES:")
+                emit(2, "if type(raw) is str or type(raw) in _MEMO_TYPES:")
                 emit(3, f"mkey = (raw, {local[country]})")
                 emit(3, "try:")
                 emit(4, f"value = _memo{i}.get(mkey, _MISS)")
