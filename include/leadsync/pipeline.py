@@ -138,8 +138,9 @@ class Planner:
         lead_id = row.get("lead_id")
         stage = row.get("stage")
         event_time = row.get("event_time")
-        # quality.guard_row's common case inline (text ids, an aware UTC timestamp), the same
-        # checks in the same order; anything else goes through guard_row itself.
+        # quality.guard_row's common case inline (text ids, an aware UTC timestamp, nothing in
+        # the future): the same checks; any other row goes through guard_row itself, which
+        # then gives the same verdict as before.
         if (lead_id.__class__ is str and stage.__class__ is str
                 and event_time.__class__ is datetime
                 and (event_time.tzinfo is UTC or event_time.utcoffset() == _ZERO)
