@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from functools import cache, lru_cache
+from operator import itemgetter
 from typing import Any, Final, NamedTuple
 
 import phonenumbers
@@ -772,6 +773,71 @@ def _phone_parts(value: object, country: object) -> tuple[str, str] | None:
     return parts
 
 
+# Per calling code, what the common international case needs: the national prefix's match
+# (None when the plan has none) and the national lengths that are possible for the code and
+# give 7 to 15 digits in all; None when the code has no plan the fast path mirrors.
+# A prefix that is plain digits ("1" for +1, "0" for most of Europe) is compared as text.
+_PlusPlan = tuple[str | None, Callable[[str], Any] | None, frozenset[int]]
+_PLUS_PLANS: dict[str, _PlusPlan | None] = {}
+
+
+def _plus_plan(cc: str) -> _PlusPlan | None:
+    plan = _plan_for_calling_code(cc)
+    fast: _PlusPlan | None = None
+    if plan is not None:
+        lengths = frozenset(n for n in plan.possible if n >= 2 and 7 <= len(cc) + n <= 15)
+        prefix = plan.prefix
+        if prefix is None:
+            fast = (None, None, lengths)
+        elif prefix.pattern.isdigit() and prefix.pattern.isascii() and not prefix.flags & ~re.U:
+            fast = (prefix.pattern, None, lengths)
+        else:
+            fast = (None, prefix.match, lengths)
+    _PLUS_PLANS[cc] = fast
+    return fast
+
+
+def _plus_digits(text: str) -> str | None:
+    """:func:`_phone_parts` joined, for the usual international number ("+1 650-555-1234"),
+    in one step; _SLOW for anything else (then :func:`_phone_parts` decides).
+
+    Same steps and verdicts as the general path: separators removed, the calling code found,
+    no national prefix to strip, a possible length, 7 to 15 digits, not a placeholder. The
+    calling code and the national number then are the digits as written.
+    """
+    digits = text.strip().replace(" ", "")
+    if digits[:1] != "+":
+        return _SLOW
+    digits = digits[1:]
+    if not digits.isdigit():  # the other separators (removing them in any order is the same)
+        digits = digits.replace("-", "").replace("(", "").replace(")", "").replace(".", "")
+        if not digits.isdigit():
+            return _SLOW
+    if not (digits.isascii() and 3 <= len(digits) <= 20):
+        return _SLOW
+    cc = _CALLING_CODE_OF.get(digits[:3])
+    if cc is None:
+        return None
+    fast = _PLUS_PLANS.get(cc, _MISSING_PLAN)
+    if fast is _MISSING_PLAN:
+        fast = _plus_plan(cc)
+    if fast is None:
+        return _SLOW
+    literal, match, lengths = fast
+    national = digits[len(cc) :]
+    if literal is not None:
+        if national.startswith(literal):
+            return _SLOW  # a national prefix to strip, maybe: the general path decides
+    elif match is not None and match(national) is not None:
+        return _SLOW
+    if len(national) not in lengths or national == national[0] * len(national):
+        return None
+    return digits
+
+
+_MISSING_PLAN: Final[Any] = object()
+
+
 def normalize_phone_e164(value: object, country: object = None) -> str | None:
     """Normalise a phone number to E.164 (``+16505551212``).
 
@@ -794,6 +860,10 @@ def normalize_phone_e164(value: object, country: object = None) -> str | None:
     Returns:
         The E.164 number, or None when unusable.
     """
+    if value.__class__ is str and len(value) <= 64:
+        digits = _plus_digits(value)
+        if digits is not _SLOW:
+            return None if digits is None else "+" + digits
     parts = _phone_parts(value, country)
     return None if parts is None else f"+{parts[0]}{parts[1]}"
 
@@ -808,6 +878,10 @@ def normalize_phone_digits(value: object, country: object = None) -> str | None:
     Returns:
         The digits with country code, or None when unusable.
     """
+    if value.__class__ is str and len(value) <= 64:
+        digits = _plus_digits(value)
+        if digits is not _SLOW:
+            return digits
     parts = _phone_parts(value, country)
     return None if parts is None else parts[0] + parts[1]
 
@@ -1168,12 +1242,25 @@ def _compile_rules(name: str, steps: tuple[_Step, ...], as_lists: bool) -> Calla
 
     It does what :func:`_apply_rules` does, without the per-rule loop, unpacking and branching
     on the rule's kind: every row of every run goes through it, and unrolled it takes about a
-    quarter less time. Column and key names are embedded with ``repr`` (any string is safe);
-    normalisers, memos and helpers are bound as default arguments (local variables, the
-    fastest lookup); ``_MEMO_MAX`` is read from this module's globals.
+    quarter less time. The columns are read once each (a country column feeds several rules),
+    all at once with an ``itemgetter`` when the row is a plain dict holding them all (source
+    rows are), else with ``row.get``. A memoised rule tries its memo first for a text value
+    (the common case) and checks the other memoisable types after. Column and key names are
+    embedded with ``repr`` (any string is safe); normalisers, memos and helpers are bound as
+    default arguments (local variables, the fastest lookup); ``_MEMO_MAX`` is read from this
+    module's globals.
     """
+    columns: list[str] = []
+    for _key, column, kind, _fn, country, _hashed, _memo in steps:
+        for name_ in (column, country) if kind == 1 else (column,):
+            if name_ not in columns:
+                columns.append(name_)
+    local = {column: f"c{i}" for i, column in enumerate(columns)}
     bound: dict[str, Any] = {"_MEMO_TYPES": _MEMO_TYPES, "_MISS": _MISS, "_sha256": _sha256,
-                             "is_sha256": is_sha256}
+                             "is_sha256": is_sha256, "_columns": tuple(columns),
+                             "_dict": dict}
+    if len(columns) > 1:
+        bound["_getter"] = itemgetter(*columns)
     params = [f"{name}={name}" for name in bound]
     lines: list[str] = []
 
@@ -1188,7 +1275,8 @@ def _compile_rules(name: str, steps: tuple[_Step, ...], as_lists: bool) -> Calla
             emit(indent + 1, f"{target} = raw.strip().lower()")
             emit(indent, "else:")
             indent += 1
-        call = {0: f"_fn{i}(raw)", 1: f"_fn{i}(raw, get({country!r}))", 2: f"_fn{i}(row)"}[kind]
+        call = {0: f"_fn{i}(raw)", 1: f"_fn{i}(raw, {local.get(country)})",
+                2: f"_fn{i}(row)"}[kind]
         if not hashed:
             emit(indent, f"{target} = {call}")
             return
@@ -1201,10 +1289,15 @@ def _compile_rules(name: str, steps: tuple[_Step, ...], as_lists: bool) -> Calla
         emit(indent + 1, "except UnicodeEncodeError:")
         emit(indent + 2, f"{target} = None")
 
+    def remember(indent: int, i: int, mkey: str) -> None:
+        emit(indent, f"if len(_memo{i}) >= _MEMO_MAX:")
+        emit(indent + 1, f"_memo{i}.clear()")
+        emit(indent, f"_memo{i}[{mkey}] = value")
+
     for i, (key, column, kind, fn, country, hashed, memo) in enumerate(steps):
         bound[f"_fn{i}"] = fn
         params.append(f"_fn{i}=_fn{i}")
-        emit(1, f"raw = get({column!r})")
+        emit(1, f"raw = {local[column]}")
         emit(1, "if raw is not None:")
         if memo is None:
             compute(2, i, kind, column, country, hashed, "value")
@@ -1212,29 +1305,45 @@ def _compile_rules(name: str, steps: tuple[_Step, ...], as_lists: bool) -> Calla
             bound[f"_memo{i}"] = memo
             params.append(f"_memo{i}=_memo{i}")
             # Exact types only: True == 1 == 1.0 as dict keys, yet they normalise differently.
-            emit(2, "if raw.__class__ in _MEMO_TYPES:")
             if kind == 0:
-                emit(3, "mkey = raw")
+                emit(2, "if type(raw) is str or type(raw) in _MEMO_TYPES:")
+                emit(3, "try:")
+                emit(4, f"value = _memo{i}[raw]")
+                emit(3, "except KeyError:")
+                compute(4, i, kind, column, country, hashed, "value")
+                remember(4, i, "raw")
             else:
                 # Countries that compare equal (1, 1.0, True) all normalise to "no country".
-                emit(3, f"mkey = (raw, get({country!r}))")
-            emit(3, "try:")
-            emit(4, f"value = _memo{i}.get(mkey, _MISS)")
-            emit(3, "except TypeError:  # an unhashable country: compute without the memo")
-            emit(4, "mkey = None")
-            emit(4, "value = _MISS")
-            emit(3, "if value is _MISS:")
-            compute(4, i, kind, column, country, hashed, "value")
-            emit(4, "if mkey is not None:")
-            emit(5, f"if len(_memo{i}) >= _MEMO_MAX:")
-            emit(6, f"_memo{i}.clear()")
-            emit(5, f"_memo{i}[mkey] = value")
+                emit(2, "if type(raw) is str or type(raw) in _MEMO_TYPES:")
+                emit(3, f"mkey = (raw, {local[country]})")
+                emit(3, "try:")
+                emit(4, f"value = _memo{i}.get(mkey, _MISS)")
+                emit(3, "except TypeError:  # an unhashable country: compute without the memo")
+                emit(4, "mkey = None")
+                emit(4, "value = _MISS")
+                emit(3, "if value is _MISS:")
+                compute(4, i, kind, column, country, hashed, "value")
+                emit(4, "if mkey is not None:")
+                remember(5, i, "mkey")
             emit(2, "else:")
             compute(3, i, kind, column, country, hashed, "value")
         emit(2, "if value is not None:")
         emit(3, f"out[{key!r}] = [value]" if as_lists else f"out[{key!r}] = value")
+    names = ", ".join(local[c] for c in columns)
+    if len(columns) > 1:
+        read = ["    if row.__class__ is _dict:",
+                "        try:",
+                f"            {names} = _getter(row)",
+                "        except KeyError:",
+                f"            {names} = map(row.get, _columns)",
+                "    else:",
+                f"        {names} = map(row.get, _columns)"]
+    elif columns:
+        read = [f"    {names} = row.get({columns[0]!r})"]
+    else:
+        read = []
     head = ", ".join(["row", *params])
-    source = "\n".join([f"def apply({head}):", "    out = {}", "    get = row.get", *lines,
+    source = "\n".join([f"def apply({head}):", *read, "    out = {}", *lines,
                         "    return out", ""])
     code = compile(source, f"<leadsync.identity rules {name!r}>", "exec")
     exec(code, globals(), bound)  # noqa: S102 - the source is generated above

@@ -116,8 +116,23 @@ def to_utc(value: Any) -> datetime | None:
     """Coerces a warehouse timestamp (datetime, date or ISO text) to an aware UTC datetime."""
     if value is None:
         return None
-    if value.__class__ is datetime and value.tzinfo is UTC:  # the usual case, first
-        return value
+    cls = value.__class__
+    if cls is datetime:  # the usual cases first: a datetime, or text (SQLite)
+        tz = value.tzinfo
+        if tz is UTC:
+            return value
+        return value.replace(tzinfo=UTC) if tz is None else value.astimezone(UTC)
+    if cls is str:
+        raw = value.strip()
+        if not raw:
+            return None
+        if raw[-1] in "Zz":
+            raw = raw[:-1] + "+00:00"
+        try:
+            parsed = datetime.fromisoformat(raw)
+        except ValueError:
+            return None
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     if isinstance(value, datetime):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     if isinstance(value, date):

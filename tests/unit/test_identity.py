@@ -904,3 +904,40 @@ def test_phone_results_are_e164(value: object, country: str | None) -> None:
         assert re.fullmatch(r"\+[1-9][0-9]{6,14}", e164), e164
         assert phonenumbers.is_possible_number(phonenumbers.parse(e164, None))
         assert normalize_phone_e164(e164, None) == e164  # idempotent
+
+
+def _general_phone(value: object, country: object) -> tuple[str, str] | None:
+    return identity._phone_parts(value, country)
+
+
+_PLUS_TEXT = st.builds(
+    lambda sep, cc, rest, tail: f"+{cc}{sep}{rest}{tail}",
+    st.sampled_from(["", " ", "-", "(", ") ", ".", "/", " - "]),
+    st.sampled_from(["1", "7", "33", "44", "49", "52", "54", "55", "61", "81", "86", "91",
+                     "211", "351", "358", "380", "420", "683", "852", "882", "979", "999"]),
+    st.text(alphabet="0123456789 -().", max_size=18),
+    st.sampled_from(["", " ", " x12", "\u2010", "٣"]),
+)
+
+
+@settings(max_examples=2000, deadline=None, database=None)
+@given(value=st.one_of(_PLUS_TEXT, st.text(max_size=25)),
+       country=st.sampled_from([None, "US", "DE", "gb", "Brasil", 1]))
+def test_the_international_fast_path_equals_the_general_one(value: str, country: object) -> None:
+    # normalize_phone_* take a shortcut for "+<digits>"; _phone_parts is the general path.
+    parts = _general_phone(value, country)
+    assert normalize_phone_digits(value, country) == (None if parts is None else
+                                                      parts[0] + parts[1])
+    assert normalize_phone_e164(value, country) == (None if parts is None else
+                                                    f"+{parts[0]}{parts[1]}")
+
+
+def test_the_international_fast_path_covers_every_calling_code() -> None:
+    rng = random.Random(5)
+    for cc in sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE):
+        for _ in range(40):
+            value = f"+{cc} " + "".join(rng.choice("0123456789") for _ in range(rng.randrange(
+                1, 14)))
+            parts = _general_phone(value, None)
+            assert normalize_phone_digits(value) == (None if parts is None else
+                                                     parts[0] + parts[1]), value

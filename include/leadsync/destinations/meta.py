@@ -26,7 +26,7 @@ from leadsync.destinations.base import (
     Skip,
 )
 from leadsync.destinations.common import base_url
-from leadsync.identity import META_RULES, hash_identifiers
+from leadsync.identity import META_RULES
 
 if TYPE_CHECKING:
     from leadsync.config import DestinationConfig
@@ -56,6 +56,10 @@ _PIXEL_RE = re.compile(r"^\d{5,20}$")
 _LEAD_ID_RE = re.compile(r"^\d{15,17}$")
 _FBC_RE = re.compile(r"^fb\.\d+\.\d+\..+$")
 _CURRENCY_RE = re.compile(r"^[A-Za-z]{3}$")
+_fbc_match = _FBC_RE.match
+_lead_id_match = _LEAD_ID_RE.match
+# hash_identifiers(row, META_RULES) without the wrapper's call (build_event runs per row).
+_user_data = META_RULES._apply
 
 # Graph error codes (docs/platforms.md §1).
 _TRANSIENT_CODES = frozenset({1, 2, 4, 17, 32, 341, 368, 613, 5000, 21009, 80003})
@@ -149,32 +153,36 @@ def build_event(
     Runs for every row: the raw fields are read inline (same rules as :func:`_raw`: text,
     trimmed, empty means absent) rather than through a call per column.
     """
-    user: dict[str, Any] = hash_identifiers(row, META_RULES)
+    user: dict[str, Any] = _user_data(row)
     get = row.get
     value: Any = get("client_ip")
-    if value is not None and (text := str(value).strip()):
+    if value is not None and (text := (value if value.__class__ is str else str(value)).strip()):
         user["client_ip_address"] = text
     value = get("user_agent")
-    if value is not None and (text := str(value).strip()):
+    if value is not None and (text := (value if value.__class__ is str else str(value)).strip()):
         user["client_user_agent"] = text
     value = get("fbc")
-    if value is not None and (text := str(value).strip()) and _FBC_RE.match(text):
+    if value is not None and (text := (value if value.__class__ is str else str(value)).strip()) \
+            and _fbc_match(text):
         user["fbc"] = text
     value = get("fbp")
-    if value is not None and (text := str(value).strip()) and _FBC_RE.match(text):
+    if value is not None and (text := (value if value.__class__ is str else str(value)).strip()) \
+            and _fbc_match(text):
         user["fbp"] = text
     value = get("meta_lead_id")
-    if value is not None and (text := str(value).strip()) and _LEAD_ID_RE.match(text):
+    if value is not None and (text := (value if value.__class__ is str else str(value)).strip()) \
+            and _lead_id_match(text):
         user["lead_id"] = text  # raw: Meta matches its own lead id as is
 
-    custom: dict[str, Any] = {}
-    website = dest.shape == "website"
-    if dest.shape == "crm":
+    shape = dest.shape
+    website = shape == "website"
+    custom: dict[str, Any]
+    if shape == "crm":
         action_source = "system_generated"
-        custom["event_source"] = "crm"
-        custom["lead_event_source"] = dest.crm_name
+        custom = {"event_source": "crm", "lead_event_source": dest.crm_name}
     else:
         action_source = dest.action_source or "website"
+        custom = {}
     value = get("value")
     if value is not None:
         money = _money(value)

@@ -60,10 +60,15 @@ class Coverage:
         self.events = 0
         self.keys: Counter[str] = Counter()
         self._names: dict[frozenset[str], frozenset[str]] = {}  # a few combinations recur
+        # Platforms whose identifiers are the keys of one object: read them without a set.
+        self._flat = destination_type in ("meta", "snapchat", "pinterest")
 
     def names(self, body: Mapping[str, Any]) -> frozenset[str]:
         """The identifier names an event body carries, in common words."""
-        keys = frozenset(event_keys(self.destination_type, body))
+        if self._flat:
+            keys = frozenset(body.get("user_data", ()))  # event_keys, without its set
+        else:
+            keys = frozenset(event_keys(self.destination_type, body))
         names = self._names.get(keys)
         if names is None:
             names = self._names[keys] = frozenset(_NAMES.get(k, k) for k in keys)
