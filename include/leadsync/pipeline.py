@@ -686,6 +686,11 @@ class _StagePass:
                     fresh.append(row)
                 prev = cursor
         self.last = prev
+        if (self.stager is None and self.writer_process
+                and self.counts["read"] >= WRITER_PROCESS_MIN_ROWS):
+            # A large window: its worker starts now, not at the first verdict (seconds of
+            # GX import away), so that the rows read meanwhile wait there, not here.
+            self._start()
         if self.stager is not None:
             self._hand_over()
         return fresh
