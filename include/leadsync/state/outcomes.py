@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, and_, bindparam, case, func, literal, or_, select, update
+from sqlalchemy import Text, and_, bindparam, case, delete, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
@@ -33,7 +33,7 @@ from leadsync.state.model import (
     utcnow,
 )
 from leadsync.state.runs import _update_run
-from leadsync.state.schema import UTCDateTime, driver_time, ledger, outbox
+from leadsync.state.schema import UTCDateTime, driver_time, ledger, outbox, outbox_payloads
 
 # Ledger rows per statement when outcomes are written.
 _OUTCOME_CHUNK = 2000
@@ -85,19 +85,23 @@ class OutcomePart(StorePart):
             .where(outbox.c.batch_id == pick.scalar_subquery())
             .values(claimed_by=holder, claim_run=run_id, claimed_until=now + ttl)
             .returning(outbox.c.batch_id, outbox.c.destination, outbox.c.run_id,
-                       outbox.c.status, outbox.c.payload, outbox.c.attempts,
-                       outbox.c.prev_cursor)
+                       outbox.c.status, outbox.c.attempts, outbox.c.prev_cursor)
         )
         with self.engine.begin() as conn:
             row = conn.execute(claim).first()
-        if row is None:
-            return None
+            if row is None:
+                return None
+            # Read under the claim, in its transaction; the claim wrote only the outbox row.
+            payload = conn.execute(
+                select(outbox_payloads.c.payload)
+                .where(outbox_payloads.c.batch_id == row.batch_id)
+            ).scalar()
         return Batch(
             batch_id=row.batch_id,
             destination=row.destination,
             run_id=row.run_id,
             status=row.status,
-            events=_decode_events(row.payload, raw_bodies) if row.payload else [],
+            events=_decode_events(payload, raw_bodies) if payload else [],
             attempts=row.attempts,
             prev_cursor=_cursor_from_json(row.prev_cursor),
         )
@@ -165,10 +169,18 @@ class OutcomePart(StorePart):
             ]
             values_: dict[str, Any] = {"attempts": outbox.c.attempts + 1, "updated_at": now}
             if remaining:
-                values_.update(payload=_encode_events(remaining), n_events=len(remaining))
+                values_.update(n_events=len(remaining))
+                conn.execute(
+                    update(outbox_payloads)
+                    .where(outbox_payloads.c.batch_id == batch.batch_id)
+                    .values(payload=_encode_events(remaining))
+                )
             else:
                 # Delivered: the hashed payload is purged, the ledger keeps the outcome.
-                values_.update(status=BATCH_DONE, payload=None)
+                values_.update(status=BATCH_DONE)
+                conn.execute(
+                    delete(outbox_payloads).where(outbox_payloads.c.batch_id == batch.batch_id)
+                )
             if holder is not None:
                 # Only our own claim ends: had it expired and another lane taken the batch,
                 # that lane's claim stands.
