@@ -1150,14 +1150,18 @@ class Pipeline:
             with self.state.heartbeat(self.dest.name, run_id, ttl, also=renew):
                 while True:
                     while error is None and len(flying) < width:
+                        lease_of = None  # held: checked at the start of the step
                         if totals["claimed"]:
                             if batch_id is not None:
                                 break
                             if totals["batches"]:
                                 crash_point("between_batches")
-                            self._hold(run_id)  # a run that lost its lease stops here
+                            # A run that lost its lease stops here: the lease is checked
+                            # (as by _hold) in the claim's own transaction.
+                            lease_of = run_id
                         batch = self.state.claim_batch(self.dest.name, run_id, holder, ttl,
-                                                       batch_id=batch_id, raw_bodies=raw)
+                                                       batch_id=batch_id, raw_bodies=raw,
+                                                       lease_of=lease_of)
                         if batch is None:
                             break
                         totals["claimed"] += 1

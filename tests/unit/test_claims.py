@@ -6,7 +6,8 @@ import threading
 import time
 from datetime import timedelta
 
-from sqlalchemy import Engine, inspect, text
+import pytest
+from sqlalchemy import Engine, inspect, select, text
 
 from leadsync.state import (
     BATCH_DONE,
@@ -15,7 +16,9 @@ from leadsync.state import (
     PENDING,
     SCHEMA_VERSION,
     EventOutcome,
+    LeaseBusyError,
     StateStore,
+    leases,
 )
 
 from .test_state import DEST, engine, ledger_by_id, outbox_row, stage, start, store, url
@@ -23,6 +26,35 @@ from .test_state import DEST, engine, ledger_by_id, outbox_row, stage, start, st
 __all__ = ["engine", "store", "url"]  # fixtures shared with test_state
 
 HOUR = timedelta(hours=1)
+
+
+def lease_expiry(store: StateStore) -> object:
+    with store.engine.connect() as conn:
+        return conn.execute(select(leases.c.expires_at)
+                            .where(leases.c.destination == DEST)).scalar()
+
+
+def test_a_claim_checks_the_lease_in_its_own_transaction(store: StateStore) -> None:
+    # lease_of: the claim keeps (renews) the run's lease, or claims nothing when another run
+    # holds it, as acquire_lease before the claim did.
+    stage(store, "r1", "b1", ["e1"], prev=None, seq=1)
+    stage(store, "r1", "b2", ["e2"], prev=None, seq=2)
+    assert store.acquire_lease(DEST, "r1", timedelta(seconds=5))
+    before = lease_expiry(store)
+    assert store.claim_batch(DEST, "r1", "lane 0", HOUR, lease_of="r1") is not None
+    assert lease_expiry(store) > before  # type: ignore[operator]
+    store.release_lease(DEST, "r1")
+    assert store.acquire_lease(DEST, "r2", HOUR)
+    with pytest.raises(LeaseBusyError, match="lost the lease on 'meta' to r2"):
+        store.claim_batch(DEST, "r1", "lane 0", HOUR, lease_of="r1")
+    assert store.claimed_batches(DEST) == {"b1": "lane 0"}  # b2 was not claimed
+    assert store.lease_holder(DEST) == "r2"
+    # An expired lease nobody took is taken back, as acquire_lease does.
+    store.release_lease(DEST, "r2")
+    assert store.acquire_lease(DEST, "r1", timedelta(milliseconds=1))
+    time.sleep(0.01)
+    assert store.claim_batch(DEST, "r1", "lane 1", HOUR, lease_of="r1") is not None
+    assert store.lease_holder(DEST) == "r1"
 
 
 def test_claims_take_the_oldest_batch_and_never_one_batch_twice(store: StateStore) -> None:

@@ -59,6 +59,7 @@ from leadsync.state.schema import (
     ledger,
     metadata,
     outbox,
+    outbox_payloads,
     platform_requests,
     quarantine,
     run_coverage,
@@ -72,8 +73,8 @@ __all__ = [
     "PENDING", "REEVALUATE", "REQUEST_SENT", "SCHEMA_VERSION", "SKIPPED", "TERMINAL", "Batch",
     "Cursor", "EventOutcome", "LeaseBusyError", "LedgerEntry", "LedgerRecord", "QuarantineRecord",
     "StagedBatch", "StateStore", "UTCDateTime", "alert_states", "json_lead_id", "leases",
-    "ledger", "metadata", "outbox", "platform_requests", "quarantine", "run_coverage", "runs",
-    "schema_version", "utcnow", "watermarks",
+    "ledger", "metadata", "outbox", "outbox_payloads", "platform_requests", "quarantine",
+    "run_coverage", "runs", "schema_version", "utcnow", "watermarks",
 ]
 
 

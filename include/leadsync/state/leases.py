@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from leadsync.state.model import LeaseBusyError, StorePart, utcnow
@@ -18,36 +19,42 @@ from leadsync.state.schema import leases
 log = logging.getLogger(__name__)
 
 
+def take_lease(conn: Connection, destination: str, holder: str, ttl: timedelta) -> bool:
+    """Takes the destination's lease in ``conn``'s transaction if it is free, expired, or
+    already ``holder``'s (then its expiry moves to now + ``ttl``)."""
+    now = utcnow()
+    res = conn.execute(
+        update(leases)
+        .where(
+            leases.c.destination == destination,
+            or_(leases.c.holder == holder, leases.c.expires_at < now),
+        )
+        .values(holder=holder, acquired_at=now, expires_at=now + ttl)
+    )
+    if res.rowcount:
+        return True
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                insert(leases).values(
+                    destination=destination,
+                    holder=holder,
+                    acquired_at=now,
+                    expires_at=now + ttl,
+                )
+            )
+        return True
+    except IntegrityError:
+        return False
+
+
 class LeasePart(StorePart):
     """The destination's lease, with a heartbeat for long steps."""
 
     def acquire_lease(self, destination: str, holder: str, ttl: timedelta) -> bool:
         """Takes the destination's lease if it is free, expired, or already ours."""
-        now = utcnow()
         with self.engine.begin() as conn:
-            res = conn.execute(
-                update(leases)
-                .where(
-                    leases.c.destination == destination,
-                    or_(leases.c.holder == holder, leases.c.expires_at < now),
-                )
-                .values(holder=holder, acquired_at=now, expires_at=now + ttl)
-            )
-            if res.rowcount:
-                return True
-            try:
-                with conn.begin_nested():
-                    conn.execute(
-                        insert(leases).values(
-                            destination=destination,
-                            holder=holder,
-                            acquired_at=now,
-                            expires_at=now + ttl,
-                        )
-                    )
-                return True
-            except IntegrityError:
-                return False
+            return take_lease(conn, destination, holder, ttl)
 
     def wait_for_lease(
         self, destination: str, holder: str, ttl: timedelta, wait: timedelta

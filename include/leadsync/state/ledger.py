@@ -1,5 +1,5 @@
-"""The ledger (one row per destination + event) and the outbox (hashed payloads, one batch
-one request, purged once delivered)."""
+"""The ledger (one row per destination + event) and the outbox (one batch one request; its
+hashed payload in a table of its own, purged once delivered)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from leadsync.state.model import (
     utcnow,
 )
 from leadsync.state.runs import _update_run
-from leadsync.state.schema import driver_time, ledger, outbox
+from leadsync.state.schema import driver_time, ledger, outbox, outbox_payloads
 
 
 class _StoredEnvelope(msgspec.Struct):
@@ -186,13 +186,14 @@ class LedgerPart(StorePart):
                         seq=batch.seq,
                         status=status,
                         n_events=len(batch.events),
-                        payload=_encode_events(batch.events),
                         prev_cursor=_cursor_json(batch.prev_cursor),
                         attempts=0,
                         created_at=now,
                         updated_at=now,
                     )
                 )
+                conn.execute(insert(outbox_payloads).values(
+                    batch_id=batch.batch_id, payload=_encode_events(batch.events)))
                 self._upsert_ledger(conn, destination, batch.records, run_id, existing,
                                     batch.batch_id)
 
@@ -237,6 +238,9 @@ class LedgerPart(StorePart):
                         ledger.c.status.not_in((DELIVERED, FAILED)),
                     )
                 )
+                held = select(outbox.c.batch_id).where(outbox.c.destination == destination,
+                                                       outbox.c.status == BATCH_HELD)
+                conn.execute(delete(outbox_payloads).where(outbox_payloads.c.batch_id.in_(held)))
                 deleted = conn.execute(
                     delete(outbox).where(outbox.c.destination == destination,
                                          outbox.c.status == BATCH_HELD)
@@ -263,6 +267,7 @@ class LedgerPart(StorePart):
                 conn.execute(delete(ledger).where(ledger.c.destination == destination,
                                                   ledger.c.batch_id.in_(part),
                                                   ledger.c.status == PENDING))
+                conn.execute(delete(outbox_payloads).where(outbox_payloads.c.batch_id.in_(part)))
                 conn.execute(delete(outbox).where(outbox.c.batch_id.in_(part)))
             return len(ids)
 
@@ -285,7 +290,12 @@ class LedgerPart(StorePart):
         nothing is decoded and encoded again to send it.
         """
         with self.engine.connect() as conn:
-            row = conn.execute(select(outbox).where(outbox.c.batch_id == batch_id)).first()
+            row = conn.execute(
+                select(outbox, outbox_payloads.c.payload)
+                .select_from(outbox.outerjoin(outbox_payloads,
+                                              outbox_payloads.c.batch_id == outbox.c.batch_id))
+                .where(outbox.c.batch_id == batch_id)
+            ).first()
         if row is None:
             return None
         return Batch(

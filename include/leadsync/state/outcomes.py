@@ -15,10 +15,11 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, and_, bindparam, case, func, literal, or_, select, update
+from sqlalchemy import Text, and_, bindparam, case, delete, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
+from leadsync.state.leases import take_lease
 from leadsync.state.ledger import _decode_events, _encode_events
 from leadsync.state.model import (
     BATCH_DONE,
@@ -27,13 +28,21 @@ from leadsync.state.model import (
     PENDING,
     Batch,
     EventOutcome,
+    LeaseBusyError,
     StorePart,
     _cursor_from_json,
     _event_key,
     utcnow,
 )
 from leadsync.state.runs import _update_run
-from leadsync.state.schema import UTCDateTime, driver_time, ledger, outbox
+from leadsync.state.schema import (
+    UTCDateTime,
+    driver_time,
+    leases,
+    ledger,
+    outbox,
+    outbox_payloads,
+)
 
 # Ledger rows per statement when outcomes are written.
 _OUTCOME_CHUNK = 2000
@@ -53,6 +62,7 @@ class OutcomePart(StorePart):
         *,
         batch_id: str | None = None,
         raw_bodies: bool = False,
+        lease_of: str | None = None,
     ) -> Batch | None:
         """Claims the oldest pending batch that ``holder`` (a lane of ``run_id``) may send.
 
@@ -60,6 +70,11 @@ class OutcomePart(StorePart):
         belongs to another run; not when this run already sent it and got an answer (what the
         platform deferred waits for the next run). ``batch_id`` claims that batch only.
         Returns the batch with its payload (``raw_bodies``: see :meth:`load_batch`), or None.
+
+        ``lease_of``: the run whose hold on the destination's lease is checked (and renewed
+        for ``ttl``, or taken back if it expired and nobody took it) in the claim's
+        transaction, as :meth:`acquire_lease` would before the claim, at one commit instead
+        of two; raises :class:`LeaseBusyError` (nothing claimed) when another run holds it.
         """
         now = utcnow()
         pick = (
@@ -85,19 +100,31 @@ class OutcomePart(StorePart):
             .where(outbox.c.batch_id == pick.scalar_subquery())
             .values(claimed_by=holder, claim_run=run_id, claimed_until=now + ttl)
             .returning(outbox.c.batch_id, outbox.c.destination, outbox.c.run_id,
-                       outbox.c.status, outbox.c.payload, outbox.c.attempts,
-                       outbox.c.prev_cursor)
+                       outbox.c.status, outbox.c.attempts, outbox.c.prev_cursor)
         )
         with self.engine.begin() as conn:
+            if lease_of is not None and not take_lease(conn, destination, lease_of, ttl):
+                holder_now = conn.execute(
+                    select(leases.c.holder).where(leases.c.destination == destination)
+                ).scalar()
+                raise LeaseBusyError(
+                    f"run {lease_of} lost the lease on {destination!r} to {holder_now}; "
+                    "stopping so runs never interleave"
+                )
             row = conn.execute(claim).first()
-        if row is None:
-            return None
+            if row is None:
+                return None
+            # Read under the claim, in its transaction; the claim wrote only the outbox row.
+            payload = conn.execute(
+                select(outbox_payloads.c.payload)
+                .where(outbox_payloads.c.batch_id == row.batch_id)
+            ).scalar()
         return Batch(
             batch_id=row.batch_id,
             destination=row.destination,
             run_id=row.run_id,
             status=row.status,
-            events=_decode_events(row.payload, raw_bodies) if row.payload else [],
+            events=_decode_events(payload, raw_bodies) if payload else [],
             attempts=row.attempts,
             prev_cursor=_cursor_from_json(row.prev_cursor),
         )
@@ -165,10 +192,18 @@ class OutcomePart(StorePart):
             ]
             values_: dict[str, Any] = {"attempts": outbox.c.attempts + 1, "updated_at": now}
             if remaining:
-                values_.update(payload=_encode_events(remaining), n_events=len(remaining))
+                values_.update(n_events=len(remaining))
+                conn.execute(
+                    update(outbox_payloads)
+                    .where(outbox_payloads.c.batch_id == batch.batch_id)
+                    .values(payload=_encode_events(remaining))
+                )
             else:
                 # Delivered: the hashed payload is purged, the ledger keeps the outcome.
-                values_.update(status=BATCH_DONE, payload=None)
+                values_.update(status=BATCH_DONE)
+                conn.execute(
+                    delete(outbox_payloads).where(outbox_payloads.c.batch_id == batch.batch_id)
+                )
             if holder is not None:
                 # Only our own claim ends: had it expired and another lane taken the batch,
                 # that lane's claim stands.

@@ -125,7 +125,6 @@ outbox = Table(
     Column("seq", Integer, nullable=False),
     Column("status", String(16), nullable=False),
     Column("n_events", Integer, nullable=False),
-    Column("payload", Text),  # JSON list of events, identifiers hashed; NULL once done
     Column("prev_cursor", Text),  # JSON cursor of the last row read before the first event
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text),
@@ -141,6 +140,18 @@ outbox = Table(
 )
 
 _OUTBOX_CLAIM_COLUMNS = ("claimed_by", "claim_run", "claimed_until")
+
+# Each outbox batch's events (a JSON list, identifiers hashed; ~1 MB per 1,000 events), in a
+# table of its own so that claiming, renewing and releasing a batch rewrite only its small
+# outbox row (SQLite rewrites a whole row, overflow pages included, on every UPDATE). The row
+# is written with its batch and deleted once the batch is done. Migration 6 (before it, the
+# payload was a column of ls_outbox).
+outbox_payloads = Table(
+    "ls_outbox_payload",
+    metadata,
+    Column("batch_id", String(64), primary_key=True),
+    Column("payload", Text, nullable=False),
+)
 
 quarantine = Table(
     "ls_quarantine",
@@ -268,6 +279,8 @@ def _migration_outbox_lz4(conn: Connection) -> None:
     # with lz4 only; elsewhere payloads stay compressed as before.
     if conn.dialect.name != "postgresql" or (conn.dialect.server_version_info or (0,)) < (14,):
         return
+    if "payload" not in {c["name"] for c in sa_inspect(conn).get_columns("ls_outbox")}:
+        return  # a database created after migration 6 moved the payloads out of ls_outbox
     try:
         with conn.begin_nested():
             conn.exec_driver_sql("ALTER TABLE ls_outbox ALTER COLUMN payload SET COMPRESSION lz4")
@@ -275,11 +288,39 @@ def _migration_outbox_lz4(conn: Connection) -> None:
         log.info("state store: lz4 not available on this Postgres; outbox payloads use pglz")
 
 
+def _migration_payloads_apart(conn: Connection) -> None:
+    # The outbox payloads move to ls_outbox_payload (see outbox_payloads), lz4-compressed on
+    # Postgres 14+ as migration 5 did for the old column.
+    metadata.create_all(conn, tables=[outbox_payloads], checkfirst=True)
+    if conn.dialect.name == "postgresql" and (conn.dialect.server_version_info or (0,)) >= (14,):
+        try:
+            with conn.begin_nested():
+                conn.exec_driver_sql(
+                    "ALTER TABLE ls_outbox_payload ALTER COLUMN payload SET COMPRESSION lz4")
+        except DBAPIError:
+            log.info("state store: lz4 not available on this Postgres; outbox payloads use pglz")
+    if "payload" in {c["name"] for c in sa_inspect(conn).get_columns("ls_outbox")}:
+        conn.exec_driver_sql(
+            "INSERT INTO ls_outbox_payload (batch_id, payload) "
+            "SELECT batch_id, payload FROM ls_outbox WHERE payload IS NOT NULL"
+        )
+        conn.exec_driver_sql("ALTER TABLE ls_outbox DROP COLUMN payload")
+    # Only delivered events carrying a request id (reason 'receipt') are looked up through
+    # ix_ls_ledger_reason: a partial index leaves out the rows without a reason (most of the
+    # ledger), which every outcome written (it sets updated_at) moved in the full index.
+    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_ls_ledger_reason")
+    conn.exec_driver_sql(
+        "CREATE INDEX ix_ls_ledger_reason ON ls_ledger (destination, reason, updated_at) "
+        "WHERE reason IS NOT NULL"
+    )
+
+
 # Ordered; each entry runs once, in its own transaction, recorded in ls_schema_version.
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2,
                                                   _migration_outbox_claims,
                                                   _migration_coverage_and_alerts,
-                                                  _migration_outbox_lz4]
+                                                  _migration_outbox_lz4,
+                                                  _migration_payloads_apart]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Postgres advisory lock key that serialises migrators (any constant unique to leadsync).
 _MIGRATION_LOCK = 0x6C65616473796E63  # "leadsync"
@@ -354,3 +395,4 @@ class SchemaPart(StorePart):
         with self.engine.begin() as conn:
             conn.execute(sql_text("ANALYZE ls_ledger"))
             conn.execute(sql_text("ANALYZE ls_outbox"))
+            conn.execute(sql_text("ANALYZE ls_outbox_payload"))
