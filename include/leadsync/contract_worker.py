@@ -99,16 +99,22 @@ class _Worker:
 
     def stop(self) -> None:
         self.outbox.put(_STOP)
-        self.writer.join(timeout=5)
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        end_process(self.proc, self.writer, 5)
+
+
+def end_process(proc: subprocess.Popen[bytes], writer: threading.Thread, wait_s: float) -> None:
+    """Ends a worker whose writer thread was told to stop: its stdin closes (it ends at end
+    of file), killed if it has not ended within ``wait_s``."""
+    writer.join(timeout=5)
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 _IDLE: list[_Worker] = []

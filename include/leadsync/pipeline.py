@@ -364,7 +364,22 @@ class _Item(msgspec.Struct, gc=False):
     keys: frozenset[str] = frozenset()  # identifier names the event carries (coverage)
 
 
-class _Stager:
+class _Timed:
+    """Wall time per phase of a pass (``seconds``), added to by :meth:`timer` blocks."""
+
+    seconds: dict[str, float]
+
+    @contextmanager
+    def timer(self, phase: str) -> Iterator[None]:
+        """Adds the block's wall time to ``phase``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+class _Stager(_Timed):
     """Decides each planned row once the contract's verdict on it is in, and writes what the
     pass stages: held outbox batches with their pending ledger rows, terminal ledger rows and
     quarantine entries.
@@ -399,15 +414,6 @@ class _Stager:
         self.prev: Cursor | None = None
         self.seq = 0
         self.coverage = Coverage(destination_type)  # identifier names of staged events
-
-    @contextmanager
-    def timer(self, phase: str) -> Iterator[None]:
-        """Adds the block's wall time to ``phase``."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def add(self, items: list[_Item]) -> None:
         """Rows planned, in the order read, awaiting their verdict."""
@@ -564,7 +570,7 @@ _HAND_OVER_ROWS = 2_000
 WRITER_PROCESS_MIN_ROWS = 10_000
 
 
-class _StagePass:
+class _StagePass(_Timed):
     """One pass of :meth:`Pipeline.check`: settled rows, planning, and the stager.
 
     Rows are planned as they are read and handed, with the contract's verdicts, to a
@@ -596,15 +602,6 @@ class _StagePass:
         self.queued: list[tuple[Any, ...]] = []  # calls for the stager, until it starts
         self.items: list[_Item] = []  # planned rows not handed to the stager yet
         self.verdicts_upto = 0  # rows before this position have their verdict
-
-    @contextmanager
-    def timer(self, phase: str) -> Iterator[None]:
-        """Adds the block's wall time to ``phase`` (read, check, plan, state)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def _hand_over(self) -> None:
         items, self.items = self.items, []

@@ -112,6 +112,19 @@ def plan_window(
     return Window(watermark, hi)
 
 
+def _iso_to_utc(value: str) -> datetime | None:
+    raw = value.strip()
+    if not raw:
+        return None
+    if raw[-1] in "Zz":
+        raw = raw[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
 def to_utc(value: Any) -> datetime | None:
     """Coerces a warehouse timestamp (datetime, date or ISO text) to an aware UTC datetime."""
     if value is None:
@@ -123,31 +136,13 @@ def to_utc(value: Any) -> datetime | None:
             return value
         return value.replace(tzinfo=UTC) if tz is None else value.astimezone(UTC)
     if cls is str:
-        raw = value.strip()
-        if not raw:
-            return None
-        if raw[-1] in "Zz":
-            raw = raw[:-1] + "+00:00"
-        try:
-            parsed = datetime.fromisoformat(raw)
-        except ValueError:
-            return None
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        return _iso_to_utc(value)
     if isinstance(value, datetime):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     if isinstance(value, date):
         return datetime(value.year, value.month, value.day, tzinfo=UTC)
     if isinstance(value, str):
-        raw = value.strip()
-        if not raw:
-            return None
-        if raw.endswith(("Z", "z")):
-            raw = raw[:-1] + "+00:00"
-        try:
-            parsed = datetime.fromisoformat(raw)
-        except ValueError:
-            return None
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        return _iso_to_utc(value)
     if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
         try:
             return datetime.fromtimestamp(float(value), tz=UTC)

@@ -35,7 +35,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from leadsync import faults
-from leadsync.contract_worker import _recv, _send
+from leadsync.contract_worker import _recv, _send, end_process
 
 if TYPE_CHECKING:
     from leadsync.pipeline import StageResult
@@ -142,20 +142,9 @@ class RemoteStager:
                            result.passed, seconds)
 
     def _end(self) -> None:
-        try:
+        with contextlib.suppress(queue.Full):
             self.calls.put(_STOP, timeout=5)
-        except queue.Full:
-            pass
-        self.writer.join(timeout=5)
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        end_process(self.proc, self.writer, 10)
 
     def kill(self) -> None:
         """Stops the worker now, whatever it was doing (the check is unwinding)."""

@@ -270,20 +270,26 @@ def world(tmp_path: Path, sandbox: Any) -> Iterator[World]:
                 f"sqlite:///{tmp_path / 'state.db'}", sandbox.url)
 
 
+def run_sqlite_schedules(tmp_path: Path, sandbox_url: str, base: int, n: int,
+                         tally: Tally) -> None:
+    """``n`` random schedules from seed ``base``, each in a fresh SQLite world."""
+    for i in range(n):
+        requests.post(f"{sandbox_url}/_sandbox/reset", timeout=5).raise_for_status()
+        folder = tmp_path / f"s{i}"
+        folder.mkdir()
+        world = World(fault_config(), f"sqlite:///{folder / 'wh.db'}",
+                      f"sqlite:///{folder / 'state.db'}", sandbox_url)
+        run_schedule(base + i, world, tally)
+        tally.schedules += 1
+
+
 def test_random_fault_schedules(request: pytest.FixtureRequest, tmp_path: Path,
                                 sandbox: Any) -> None:
     n = int(request.config.getoption("--schedules"))
     base = int(request.config.getoption("--schedule-seed"))
     tally = Tally()
     started = time.monotonic()
-    for i in range(n):
-        requests.post(f"{sandbox.url}/_sandbox/reset", timeout=5).raise_for_status()
-        folder = tmp_path / f"s{i}"
-        folder.mkdir()
-        world = World(fault_config(), f"sqlite:///{folder / 'wh.db'}",
-                      f"sqlite:///{folder / 'state.db'}", sandbox.url)
-        run_schedule(base + i, world, tally)
-        tally.schedules += 1
+    run_sqlite_schedules(tmp_path, sandbox.url, base, n, tally)
     elapsed = time.monotonic() - started
     print(f"\nfault-injection tally: {tally.schedules} schedules, {tally.runs} runs, "
           f"{tally.crashes} crashes, faults {dict(tally.faults)}; delivered {tally.delivered}, "

@@ -26,7 +26,7 @@ from .test_faults import (
     check_invariants,
     fault_config,
     run_like_the_dag,
-    run_schedule,
+    run_sqlite_schedules,
 )
 
 pytestmark = pytest.mark.integration
@@ -180,13 +180,7 @@ def test_random_fault_schedules_with_the_stage_worker(
         tmp_path: Path, sandbox: Any, starts: list[int], request: pytest.FixtureRequest) -> None:
     tally = Tally()
     base = int(request.config.getoption("--schedule-seed")) + 200_000
-    for i in range(6):
-        requests.post(f"{sandbox.url}/_sandbox/reset", timeout=5).raise_for_status()
-        folder = tmp_path / f"s{i}"
-        folder.mkdir()
-        world = World(fault_config(), f"sqlite:///{folder / 'wh.db'}",
-                      f"sqlite:///{folder / 'state.db'}", sandbox.url)
-        run_schedule(base + i, world, tally)
+    run_sqlite_schedules(tmp_path, sandbox.url, base, 6, tally)
     assert starts
     assert tally.lost == 0 and tally.double_counted == 0
 
