@@ -96,7 +96,11 @@ class SourceConfig(_Strict):
     lookback: Duration = timedelta(hours=2)
     settle_lag: Duration = timedelta(minutes=2)
     chunk_size: int = Field(default=5000, ge=1, le=100_000)
-    page_size: int = Field(default=100_000, ge=1)
+    # Rows per query when reading the window (the next page starts after the last row). Unset:
+    # 100,000 on Postgres; on SQLite one query for the whole window, because each page there
+    # evaluates the cursor (a strftime) on every row of the table again: 1M rows read in
+    # 27.7 s as one query, 43.2 s in pages of 100,000 (same peak memory, 85 MB).
+    page_size: int | None = Field(default=None, ge=1)
 
     def query_path(self) -> Path:
         """The query file, relative paths resolved against ``include/``."""

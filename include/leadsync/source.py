@@ -3,7 +3,9 @@
 The user's SQL (``include/sql/converted_leads.sql``) is wrapped as a subquery; leadsync adds the
 cursor bounds, the order and the page limit. Each page is one query streamed with a server-side
 cursor (Postgres) so that memory stays flat however large the window is; the next page starts
-strictly after the last row of the previous one.
+strictly after the last row of the previous one. On SQLite the whole window is one query by
+default (``source.page_size`` unset): each page there computes the cursor of every row of the
+table again, and SQLite's sorter keeps memory flat by itself.
 """
 
 from __future__ import annotations
@@ -173,6 +175,10 @@ def _text_time(value: str) -> Any:
     return value if parsed is None else parsed
 
 
+_PAGE_ROWS = 100_000  # rows per page on Postgres and other servers, unless configured
+_UNPAGED = 2**62  # a LIMIT no window reaches
+
+
 class Source:
     """Reads the user's query in cursor order between a window's bounds.
 
@@ -182,12 +188,15 @@ class Source:
     """
 
     def __init__(self, engine: Engine, query: str, chunk_size: int = 5000,
-                 page_size: int = 100_000) -> None:
+                 page_size: int | None = None) -> None:
         self.engine = engine
         self.query = query
         self.chunk_size = chunk_size
-        self.page_size = max(page_size, chunk_size)
         self._sqlite = engine.dialect.name == "sqlite"
+        if page_size is None:
+            # SQLite computes the cursor of every row of the table for each page: one query.
+            page_size = _UNPAGED if self._sqlite else _PAGE_ROWS
+        self.page_size = max(page_size, chunk_size)
         # The column the keyset compares on: SQLite has no timestamp type, so its rows get one
         # normalised copy of updated_at, _ls_ts (see _ts_param); elsewhere, updated_at.
         self._ts_column = "_ls_ts" if self._sqlite else "updated_at"

@@ -415,3 +415,15 @@ def test_streaming_does_not_materialise_the_window(engine: Engine) -> None:
     # The whole window as row dicts measures ~39 MB; one chunk (plus the driver's buffer)
     # stays well under half of that.
     assert peak < 18_000_000, f"peak {peak / 1e6:.1f} MB: the stream materialises the window"
+
+
+def test_sqlite_reads_a_window_in_one_query_unless_paged(engine: Engine) -> None:
+    # SQLite evaluates the cursor on every row of the table for each page: one query there;
+    # 100,000 rows per page elsewhere.
+    sqlite = engine.dialect.name == "sqlite"
+    assert Source(engine, QUERY).page_size == (2**62 if sqlite else 100_000)
+    assert Source(engine, QUERY, chunk_size=3, page_size=7).page_size == 7
+    load(engine, tied_rows())
+    got, _ = read(Source(engine, QUERY, chunk_size=2), Window(None, FAR))
+    paged, _ = read(Source(engine, QUERY, chunk_size=2, page_size=3), Window(None, FAR))
+    assert got == paged and got
