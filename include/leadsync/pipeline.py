@@ -729,10 +729,16 @@ class _StagePass(_Timed):
         """Decides what still waits (all validated by now) and writes the last batch, unless
         the check failed (``decide`` false); takes what the stager counted."""
         if self.stager is None:
-            if not decide or (not self.items and not self.queued):
-                self.items, self.queued = [], []
+            if not self.queued and not (decide and self.items):
+                self.items = []
                 return
-            self._call("decide", self.position)
+            if decide:
+                self._call("decide", self.position)
+            else:
+                # Quarantine entries the stager was told of (unreadable rows) are written
+                # even when the check stopped before any row was decided.
+                self.items = []
+                self._start()
         elif decide:
             self._hand_over()
         stager, self.stager = self.stager, None

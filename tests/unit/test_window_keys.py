@@ -78,3 +78,35 @@ def test_a_source_query_that_fans_out_stops_the_check(tmp_path: Path) -> None:
     assert state.pending_batch_ids("meta") == []
     run = state.get_run("r1", "meta")
     assert run is not None and run["status"] == "contract_failed"
+
+
+def test_an_unreadable_row_is_quarantined_even_when_the_check_stops_at_it(
+        tmp_path: Path) -> None:
+    wh, state = _world(tmp_path)
+    raw = wh.raw_connection()
+    try:
+        cur = raw.cursor()
+        cur.execute("CREATE TEMP TABLE one AS SELECT * FROM crm_lead_stages LIMIT 1")
+        cur.execute("UPDATE one SET lead_id = 'BAD-1', first_name = CAST(? AS TEXT)",
+                    (b"\xff\xfe",))
+        cur.execute("INSERT INTO crm_lead_stages SELECT * FROM one")
+        raw.commit()
+    finally:
+        raw.close()
+    # No failure allowed: the check stops at the unreadable row, before any verdict.
+    config = _config(tmp_path, max_quarantined_rows=0)
+    pipeline = Pipeline(config, config.destination("meta"), state, wh)
+    pipeline.open_run("r1")
+    with pytest.raises(quality.ContractViolation):
+        pipeline.check("r1")
+    assert ("BAD-1", "unreadable_row") in {(k[0], v) for k, v in
+                                           _quarantine(state).items()}
+    assert state.ledger_rows("meta") == [] and state.pending_batch_ids("meta") == []
+
+
+def _quarantine(state: StateStore) -> dict[tuple[str, str], str]:
+    from sqlalchemy import text
+
+    with state.engine.connect() as conn:
+        return {(r.lead_id, r.stage): r.rule for r in conn.execute(text(
+            "SELECT lead_id, stage, rule FROM ls_quarantine WHERE destination = 'meta'"))}
