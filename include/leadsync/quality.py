@@ -678,6 +678,37 @@ _KEPT_RESULT_KEYS = ("element_count", "unexpected_count", "unexpected_percent", 
                      "unexpected_percent_nonmissing")
 
 
+def _defer_scipy_stats() -> None:
+    """Makes ``scipy.stats`` load on first use instead of at GX's import.
+
+    GX imports it at module level for three distribution expectations the contract never
+    uses (KL divergence, two KS tests); loading it is ~30 % of ``import great_expectations``
+    (measured 2.75 s → 1.95 s of CPU), paid once per validating process. The module is
+    bound as a :class:`importlib.util.LazyLoader` module, also as ``scipy``'s attribute (so
+    that ``from scipy import stats`` does not go through scipy's own lazy ``__getattr__``,
+    whose import looks at the module and would load it at once): any attribute access loads
+    the real module, so an expectation that does use it still works.
+    """
+    import importlib.util
+    import sys
+
+    if "scipy.stats" in sys.modules:
+        return
+    try:
+        import scipy
+    except ImportError:  # GX without scipy: nothing to defer
+        return
+    spec = importlib.util.find_spec("scipy.stats")
+    if spec is None or spec.loader is None:
+        return
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["scipy.stats"] = module
+    loader.exec_module(module)
+    scipy.stats = module  # type: ignore[attr-defined]
+
+
 def import_gx() -> Any:
     """``great_expectations``, imported quietly (its import logs hundreds of INFO lines)."""
     logging.getLogger("great_expectations._docs_decorators").setLevel(logging.ERROR)
@@ -685,6 +716,7 @@ def import_gx() -> Any:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        _defer_scipy_stats()
         import great_expectations as gx
         from great_expectations.execution_engine import pandas_execution_engine
 

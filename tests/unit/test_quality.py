@@ -830,3 +830,28 @@ def test_bundled_config_is_valid() -> None:
 
     config = load_config()
     assert 0 < config.contract.failure_threshold < 1
+
+
+def test_gx_import_defers_scipy_stats_and_it_still_loads_on_use() -> None:
+    """``import_gx`` leaves scipy.stats unloaded (GX imports it for expectations the contract
+    never runs), and the first use of it loads the real module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from leadsync.quality import import_gx\n"
+        "import_gx()\n"
+        "import importlib.util\n"
+        "assert isinstance(sys.modules['scipy.stats'], importlib.util._LazyModule), "
+        "type(sys.modules['scipy.stats'])\n"
+        "assert 'scipy.stats._stats_py' not in sys.modules\n"
+        "from scipy import stats\n"
+        "assert abs(stats.norm.cdf(0.0) - 0.5) < 1e-12\n"
+        "assert 'scipy.stats._stats_py' in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=False, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"
