@@ -193,6 +193,32 @@ def test_outcomes_are_written_in_bulk_each_with_its_own_detail(store: StateStore
     assert store.get_run("r1", DEST)["counts"] == {"delivered": 1666, "failed": 834}
 
 
+def test_outcomes_shared_by_several_events_are_written_to_exactly_those_events(
+        store: StateStore) -> None:
+    """Events with one outcome are updated together (SQLite: one statement over their ids):
+    every id, quoting and non-ASCII included, gets its group's outcome and no other row does."""
+    start(store, "r1", None)
+    ids = [f"e{i}" for i in range(6)] + ['quo"te\\d', "ünï-çødé ✓", "it's"]
+    stage(store, "r1", "b1", ids, prev=None)
+    batch = store.claim_batch(DEST, "r1", "lane 0", HOUR)
+    assert batch is not None
+    rejected = EventOutcome(FAILED, "rejected", "same detail")
+    outcomes = {"e0": EventOutcome(DELIVERED), "e1": rejected, "e2": EventOutcome(DELIVERED),
+                "e3": rejected, "e4": EventOutcome(FAILED, "rejected", "its own"),
+                'quo"te\\d': EventOutcome(DELIVERED), "ünï-çødé ✓": rejected,
+                "it's": EventOutcome(DELIVERED)}  # e5: no answer, stays pending
+    store.record_outcomes(batch, outcomes, "r1", holder="lane 0")
+    rows = ledger_by_id(store)
+    for e in ids:
+        got = (rows[e]["status"], rows[e]["reason"], rows[e]["detail"], rows[e]["attempts"])
+        if e == "e5":
+            assert got == (PENDING, None, None, 0)
+        else:
+            o = outcomes[e]
+            assert got == (o.status, o.reason, o.detail, 1), e
+            assert (rows[e]["delivered_at"] is not None) == (o.status == DELIVERED)
+
+
 def test_migration_adds_the_claim_columns_to_an_older_outbox(engine: Engine,
                                                              store: StateStore) -> None:
     # Rewind to version 2: the outbox as it was before push lanes.

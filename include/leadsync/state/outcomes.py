@@ -11,6 +11,7 @@ run is over).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -253,15 +254,31 @@ def _write_outcomes(conn: Connection, destination: str, outcomes: Mapping[str, E
                                 "b_reasons": [o.reason for _, o in part],
                                 "b_details": [o.detail for _, o in part]})
         return
-    # One prepared statement run by the driver for every event (sqlite3's executemany loops
-    # in C); through SQLAlchemy's executemany the per-row parameter processing in Python
-    # cost more than the updates (50 of 76 ms per 1,000 events).
+    # Events with the same outcome (a whole delivered batch, usually) are updated by one
+    # statement over their ids as a JSON array: sqlite3 gives Python's lock back once per
+    # statement, not once per row as its executemany does, so the lane's sender threads do
+    # not convoy with the writes (a 200k-row push: 3.0 s of executemany beside them; alone,
+    # 1.5 s per event, 1.3 s per group). Outcomes of their own (failures with a detail each)
+    # go through one executemany, which loops in C.
     when = driver_time(now, conn.dialect)  # formatted once
-    conn.exec_driver_sql(
-        "UPDATE ls_ledger SET status = ?, reason = ?, detail = ?, updated_at = ?, "
-        "attempts = attempts + 1, "
-        f"delivered_at = CASE WHEN ? = '{DELIVERED}' THEN ? ELSE delivered_at END "
-        "WHERE destination = ? AND event_id = ?",
-        [(o.status, o.reason, o.detail, when, o.status, when, destination, event_id)
-         for event_id, o in outcomes.items()],
-    )
+    groups: dict[tuple[str, str | None, str | None], list[str]] = {}
+    for event_id, o in outcomes.items():
+        groups.setdefault((o.status, o.reason, o.detail), []).append(event_id)
+    single: list[tuple[Any, ...]] = []
+    for (status, reason, detail), ids in groups.items():
+        if len(ids) == 1:
+            single.append((status, reason, detail, when, status, when, destination, ids[0]))
+            continue
+        conn.exec_driver_sql(
+            f"{_SQLITE_OUTCOME} event_id IN (SELECT value FROM json_each(?))",
+            (status, reason, detail, when, status, when, destination, json.dumps(ids)))
+    if single:
+        conn.exec_driver_sql(f"{_SQLITE_OUTCOME} event_id = ?", single)
+
+
+_SQLITE_OUTCOME = (
+    "UPDATE ls_ledger SET status = ?, reason = ?, detail = ?, updated_at = ?, "
+    "attempts = attempts + 1, "
+    f"delivered_at = CASE WHEN ? = '{DELIVERED}' THEN ? ELSE delivered_at END "
+    "WHERE destination = ? AND"
+)
