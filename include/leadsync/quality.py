@@ -706,7 +706,7 @@ def _defer_scipy_stats() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules["scipy.stats"] = module
     loader.exec_module(module)
-    scipy.stats = module  # type: ignore[attr-defined]
+    scipy.stats = module
 
 
 def import_gx() -> Any:
