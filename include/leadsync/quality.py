@@ -546,13 +546,13 @@ class _Projection:
     """
 
     def __init__(self, spec: ContractSpec, now: datetime) -> None:
-        from leadsync.identity import usability_judge
+        from leadsync.identity import usability_column, usability_judge
 
         self.now_ts = now.timestamp()
         self.groups = spec.match_key_groups
         # Identifiers judged for every row (warnings), and the match-key columns whose value
         # must pass the destination's normalisation (judged only while looking for a key).
-        self.judged = [(rule.column, usability_judge(rule))
+        self.judged = [(rule.column, usability_column(rule))
                        for _, rule in spec.judged_identifiers]
         self.key_judges = {rule.column: usability_judge(rule) for rule in spec.identifier_rules
                            if any(rule.column in group for group in self.groups)}
@@ -616,7 +616,7 @@ class _Projection:
             for cur, n in zip(currencies, numbers, strict=True))
         judged: dict[str, list[bool | None]] = {}
         for (column, judge), name in zip(self.judged, self.verdict_columns, strict=True):
-            verdicts = [judge(r) for r in rows]
+            verdicts = judge(rows)
             judged[column] = verdicts
             c[name].extend(_VERDICT[v] for v in verdicts)
         c["match_keys_present"].extend(self._has_match_key(r, i, judged)
