@@ -276,7 +276,6 @@ def test_worker_killed_mid_push_loses_nothing_and_the_next_run_completes(live: L
 
     demo_data.add_changes(make_engine(live.warehouse_url), 200,
                           datetime.now(UTC) - timedelta(seconds=6))
-    before = live.sandbox("stats")["meta"]
     # The next four push requests (one per worker slot: every push running at once) are
     # stored by the platform, then their answers hang for 30 s: a worker is killed in the worst
     # place, after the send and before the outcome is recorded. Mapped push tasks or push
@@ -287,13 +286,27 @@ def test_worker_killed_mid_push_loses_nothing_and_the_next_run_completes(live: L
     }).raise_for_status()
     killed_run = live.trigger()
 
+    store = live.store()
+    claimed_since: dict[int, float] = {}
+
     def stuck_push() -> dict[str, Any] | None:
+        # The victim is a lane that holds a claim for seconds: its request hangs. (Any running
+        # push will not do: with several requests in flight, one lane can take all four
+        # hanging requests while another, answered at once, is about to finish green.)
+        now = time.monotonic()
+        holding = {int(holder.split(" lane ")[1].split()[0])
+                   for holder in store.claimed_batches("meta").values()
+                   if holder.startswith(f"{killed_run} lane ")}
+        for lane in list(claimed_since):
+            if lane not in holding:
+                del claimed_since[lane]
+        for lane in holding:
+            claimed_since.setdefault(lane, now)
+        stuck = {lane for lane, since in claimed_since.items() if now - since >= 3}
         running = [t for t in live.tasks(killed_run)
                    if t["task_id"].startswith("push") and t["state"] == "running"
-                   and t["hostname"] in ("worker1", "worker2")]
-        sent = live.sandbox("stats")["meta"]["requests"] - before["requests"]
-        # Every running push has sent its (hanging) request.
-        return running[0] if running and sent >= len(running) else None
+                   and t["hostname"] in ("worker1", "worker2") and t["map_index"] in stuck]
+        return running[0] if running else None
 
     victim = live.wait("a push stuck on the platform's answer", stuck_push, timeout=180)
     assert live.cluster.kill_worker(victim["hostname"])
