@@ -38,7 +38,10 @@ log = logging.getLogger(__name__)
 def naive_utc(value: datetime) -> datetime:
     """What the state store keeps of a time: naive UTC (refuses a naive one: its zone is
     unknown)."""
-    if value.tzinfo is None:
+    tz = value.tzinfo
+    if tz is UTC:  # the usual case (every time leadsync makes): no conversion
+        return value.replace(tzinfo=None)
+    if tz is None:
         raise ValueError("naive datetime given to the state store; use UTC-aware times")
     return value.astimezone(UTC).replace(tzinfo=None)
 
