@@ -351,3 +351,39 @@ def test_worker_killed_mid_push_loses_nothing_and_the_next_run_completes(live: L
             f"SELECT lead_id, stage FROM {demo_data.TABLE_NAME}"))}
     in_ledger = {(str(r["lead_id"]), r["stage"]) for r in ledger.values()}
     assert rows - in_ledger == set() or summary["quarantined"] >= len(rows - in_ledger)
+
+
+def test_a_contract_checked_backfill_runs_its_workers_under_celery(live: Live) -> None:
+    """The check's two worker processes (Great Expectations, and the stage worker a window
+    of 10,000+ rows starts) run inside a Celery task as they do under ``airflow dags test``:
+    the run ends green, every row is checked, and the task's log shows both at work."""
+    from leadsync import demo_data
+    from leadsync.db import make_engine
+    from leadsync.pipeline import WRITER_PROCESS_MIN_ROWS
+
+    path = Path(live.cluster.extra_env["LEADSYNC_CONFIG"])
+    raw = yaml.safe_load(path.read_text())
+    before = path.read_text()
+    raw["contract"] = {"enabled": True}
+    raw["destinations"][0]["batch_size"] = 1000
+    path.write_text(yaml.safe_dump(raw))  # tasks read it again (by its mtime)
+    try:
+        n = WRITER_PROCESS_MIN_ROWS + 2000
+        demo_data.add_changes(make_engine(live.warehouse_url), n,
+                              datetime.now(UTC) - timedelta(seconds=6))
+        run_id = live.trigger()
+        run = live.wait_run(run_id, timeout=600)
+        assert run["state"] == "success", live.diagnostics()
+        counts = live.store().get_run(run_id, "meta")["counts"]
+        assert counts["checked"] >= n, counts
+        logs = list((live.cluster.home / "airflow" / "logs").rglob("*.log"))
+        check_log = [p for p in logs if f"run_id={run_id}" in str(p)
+                     and "task_id=check_contract" in str(p)]
+        assert check_log, f"no check_contract log among {len(logs)} logs"
+        text_ = "\n".join(p.read_text(errors="replace") for p in check_log)
+        assert "writer.state" in text_, text_[-3000:]  # the stage worker's writes, timed
+        assert "expectations evaluated" in text_, text_[-3000:]  # the contract's report
+        print(f"\n[cluster contract] {n} new rows checked and staged with the GX and stage "
+              f"workers inside a Celery task; run {run_id} ended {run['state']}")
+    finally:
+        path.write_text(before)
