@@ -628,7 +628,7 @@ class _StagePass(_Timed):
                 getattr(self.stager, method)(*args)
 
     def _start(self) -> None:
-        if self.writer_process and self.counts["read"] >= WRITER_PROCESS_MIN_ROWS:
+        if self.writer_process and self.position >= WRITER_PROCESS_MIN_ROWS:
             from leadsync.stage_worker import RemoteStager
 
             with self.timer("state"):
@@ -684,7 +684,7 @@ class _StagePass(_Timed):
                 prev = cursor
         self.last = prev
         if (self.stager is None and self.writer_process
-                and self.counts["read"] >= WRITER_PROCESS_MIN_ROWS):
+                and self.position >= WRITER_PROCESS_MIN_ROWS):
             # A large window: its worker starts now, not at the first verdict (seconds of
             # GX import away), so that the rows read meanwhile wait there, not here.
             self._start()

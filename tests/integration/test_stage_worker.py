@@ -49,10 +49,10 @@ def starts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return started
 
 
-def _config(writer_process: bool, contract: bool = True) -> Config:
+def _config(writer_process: bool, contract: bool = True, lookback: str = "2h") -> Config:
     return parse_config({
         "source": {"query_file": str(ROOT / "include" / "sql" / "converted_leads.sql"),
-                   "chunk_size": 50},
+                   "chunk_size": 50, "lookback": lookback},
         "state": {"writer_process": writer_process},
         "contract": {"enabled": contract, "batch_rows": 100, "data_docs": False},
         "destinations": [{"name": "meta", "type": "meta", "crm_name": "Test CRM",
@@ -196,3 +196,27 @@ def world(tmp_path: Path, sandbox: Any) -> World:
     requests.post(f"{sandbox.url}/_sandbox/reset", timeout=5).raise_for_status()
     return World(fault_config(), f"sqlite:///{tmp_path / 'wh.db'}",
                  f"sqlite:///{tmp_path / 'state.db'}", sandbox.url)
+
+
+def test_a_run_with_nothing_new_starts_no_stage_worker(
+        tmp_path: Path, sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker starts for rows to decide and write, not for rows read: a run whose lookback
+    re-reads only settled rows (each a key lookup) stages nothing and starts no process."""
+    started: list[int] = []
+    real = stage_worker.RemoteStager.__init__
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> None:
+        real(self, *args, **kwargs)
+        started.append(self.proc.pid)
+
+    monkeypatch.setattr(pipeline, "WRITER_PROCESS_MIN_ROWS", 100)
+    monkeypatch.setattr(stage_worker.RemoteStager, "__init__", counting)
+    wh, state = f"sqlite:///{tmp_path / 'wh.db'}", f"sqlite:///{tmp_path / 'state.db'}"
+    world = World(_config(True, lookback="3650d"), wh, state, sandbox.url)  # re-reads all
+    demo_data.seed(make_engine(wh), 150, datetime.now(UTC), seed=11)
+    assert run_like_the_dag(world, "r1") == "success"
+    assert len(started) == 1  # 150 rows to stage: in the worker
+    assert run_like_the_dag(world, "r2") == "success"
+    counts = world.store().get_run("r2", "meta")["counts"]
+    assert counts["read"] >= 100 and not counts.get("staged"), counts
+    assert len(started) == 1  # the no-op run: none
