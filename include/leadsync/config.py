@@ -128,7 +128,7 @@ class StateConfig(_Strict):
     lease_wait: Duration = timedelta(seconds=30)
     # Write what check_contract stages (outbox batches, ledger rows, quarantine entries) from
     # a process of its own, on another core, while the task reads and plans the next rows
-    # (windows of 10,000 rows or more; an in-memory SQLite state store never).
+    # (once 10,000 rows of a window are to be written; an in-memory SQLite state store never).
     writer_process: bool = True
 
 
