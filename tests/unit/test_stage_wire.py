@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from leadsync import stage_worker
+from leadsync import stage_wire, stage_worker
 from leadsync.contract_worker import _write_frame
 from leadsync.pipeline import _NO_BODY, Planned, Rejected, _Item
 from leadsync.state import Cursor
@@ -77,8 +77,8 @@ def _fields(item: _Item) -> tuple[Any, ...]:
 
 def test_planned_rows_cross_exactly_whatever_their_lead_id_type() -> None:
     items = _items()
-    frame = stage_worker._frame(("add", items))
-    method, back = stage_worker._message(bytes(frame))
+    frame = stage_wire.frame(("add", items))
+    method, back = stage_wire.message(bytes(frame))
     assert method == "add"
     assert [_fields(item) for item in back] == [_fields(item) for item in items]
     # The row after a planned one takes that row's cursor as prev, as it did in the task.
@@ -87,14 +87,14 @@ def test_planned_rows_cross_exactly_whatever_their_lead_id_type() -> None:
 
 def test_other_calls_and_an_empty_add_cross_too() -> None:
     message = ("verdicts", [], [3, 4], 100)
-    assert stage_worker._message(bytes(stage_worker._frame(message))) == message
-    assert stage_worker._message(bytes(stage_worker._frame(("add", [])))) == ("add", [])
+    assert stage_wire.message(bytes(stage_wire.frame(message))) == message
+    assert stage_wire.message(bytes(stage_wire.frame(("add", [])))) == ("add", [])
 
 
 def test_rows_out_of_order_are_refused() -> None:
     items = _items()
     with pytest.raises(ValueError, match="consecutive"):
-        stage_worker.encode_rows([items[0], items[2]])
+        stage_wire.encode_rows([items[0], items[2]])
 
 
 def test_the_inbox_reads_ahead_up_to_its_bound_then_leaves_the_rest_in_the_pipe() -> None:
