@@ -11,7 +11,7 @@ other calls are few and small: pickled.
 from __future__ import annotations
 
 import pickle
-from datetime import datetime
+from datetime import UTC, datetime
 from itertools import accumulate
 from typing import Any
 
@@ -23,7 +23,9 @@ from leadsync.state import Cursor
 # A frame's first byte: the planned rows of an ``add`` call (msgpack), or a pickled call.
 _ROWS = b"r"
 _PICKLED = b"p"
-# Lead ids that cross as msgpack values; any other type (Decimal, UUID, ...) is pickled.
+# Cursors cross as msgpack values when it gives them back exactly: lead ids that are text or
+# 64-bit integers, times in UTC or naive (msgpack has another zone's times back in UTC). The
+# others (Decimal, UUID, ... lead ids) are pickled.
 _INT64 = (-(1 << 63), (1 << 64) - 1)
 
 
@@ -31,7 +33,7 @@ class _Rows(msgspec.Struct, array_like=True, gc=False):
     """The planned rows of one ``add`` call, column by column (see :func:`encode_rows`)."""
 
     first: int  # the first row's position; the others follow it
-    cursors: list[Cursor]  # lead ids other than text and 64-bit integers are None here
+    cursors: list[Cursor]  # those msgpack would change (see _INT64) are placeholders here
     lead_ids: list[str]
     event_ids: list[str | None]
     event_names: list[str | None]
@@ -43,7 +45,7 @@ class _Rows(msgspec.Struct, array_like=True, gc=False):
     key_sets: list[frozenset[str]]
     rejected: list[tuple[int, str, str, str]]  # index, reason, status, detail
     # Pickled: the rare values the columns above would not give back exactly, by index: the
-    # cursors with other lead ids, each ``prev`` that is not the row before's cursor, each
+    # cursors msgpack would change, each ``prev`` that is not the row before's cursor, each
     # stage and quarantine key that differs from the cursor's stage and (lead id, stage).
     exceptions: bytes
 
@@ -56,8 +58,9 @@ def encode_rows(items: list[_Item]) -> bytearray:
     """An ``add`` call's frame: the rows' columns (consecutive positions, as planned)."""
     cursors = [item.cursor for item in items]
     odd = {n: cursor for n, cursor in enumerate(cursors)
-           if (lead := cursor.lead_id).__class__ is not str
-           and not (lead.__class__ is int and _INT64[0] <= lead <= _INT64[1])}
+           if ((lead := cursor.lead_id).__class__ is not str
+               and not (lead.__class__ is int and _INT64[0] <= lead <= _INT64[1]))
+           or ((zone := cursor.ts.tzinfo) is not UTC and zone is not None)}
     plain = list(cursors)
     for n, cursor in odd.items():
         plain[n] = Cursor(cursor.ts, None, cursor.stage)

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -25,10 +25,13 @@ from leadsync.state.model import _cursor_json
 T0 = datetime(2025, 6, 2, 12, 0, 0, 123456, tzinfo=UTC)
 # Every type a warehouse can give a lead id in, and ints that msgpack cannot carry.
 LEAD_IDS: list[Any] = [
-    "00Q1", 42, -7, 1 << 70, -(1 << 64), Decimal("12.0"), Decimal("1.5"),
+    "00Q1", 42, -7, (1 << 64) - 1, -(1 << 63), 1 << 70, -(1 << 64), Decimal("12.0"),
+    Decimal("1.5"),
     uuid.UUID("12345678-1234-5678-1234-567812345678"), 3.25, True, None, b"\x00raw",
     "a" * 200,
 ]
+
+ZONED: dict[int, timezone | None] = {1: timezone(timedelta(hours=2)), 2: None}
 
 
 def _items(start: int = 10) -> list[_Item]:
@@ -38,7 +41,10 @@ def _items(start: int = 10) -> list[_Item]:
     prev: Cursor | None = Cursor(T0 - timedelta(days=1), Decimal("99"), "won")
     names = [frozenset({"email", "phone"}), frozenset(), frozenset({"email"})]
     for n, lead in enumerate(LEAD_IDS):
-        cursor = Cursor(T0 + timedelta(seconds=n), lead, f"stage{n % 3}")
+        ts = T0 + timedelta(seconds=n)
+        if n in ZONED:  # the warehouse's own zone, or none: back as they were, not in UTC
+            ts = ts.astimezone(ZONED[n]) if ZONED[n] else ts.replace(tzinfo=None)
+        cursor = Cursor(ts, lead, f"stage{n % 3}")
         if n % 4 == 3:
             prev = Cursor(T0 + timedelta(seconds=n, microseconds=-1), f"settled{n}", "lead")
         text = str(lead)[:128]
@@ -69,7 +75,7 @@ def _fields(item: _Item) -> tuple[Any, ...]:
     envelope = None if item.envelope is None else (
         item.envelope["event_id"], item.envelope["event_time"],
         bytes(memoryview(item.envelope["body"])))
-    cursors = [(c, type(c.lead_id), _cursor_json(c)) if c is not None else None
+    cursors = [(c, type(c.lead_id), c.ts.isoformat(), _cursor_json(c)) if c is not None else None
                for c in (item.cursor, item.prev)]
     return (item.position, cursors, item.lead_id, item.stage, item.qkey, item.plan,
             type(item.plan), envelope, item.keys)
