@@ -51,20 +51,31 @@ def _read_exact(fd: int, n: int) -> bytes | None:
     return b"".join(parts)
 
 
-def _recv(fd: int) -> Any:
-    """One message from ``fd``; None at end of file."""
+def _read_frame(fd: int) -> bytes | None:
+    """The body of one frame (8-byte length, then the body) from ``fd``; None at end of
+    file."""
     header = _read_exact(fd, _HEADER.size)
     if header is None:
         return None
-    body = _read_exact(fd, _HEADER.unpack(header)[0])
+    return _read_exact(fd, _HEADER.unpack(header)[0])
+
+
+def _write_frame(fd: int, body: bytes | bytearray) -> None:
+    """Writes ``body`` as one frame (its length first; the body is not copied)."""
+    for part in (_HEADER.pack(len(body)), body):
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def _recv(fd: int) -> Any:
+    """One message from ``fd``; None at end of file."""
+    body = _read_frame(fd)
     return None if body is None else pickle.loads(body)  # noqa: S301 - our own process
 
 
 def _send(fd: int, message: Any) -> None:
-    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(_HEADER.pack(len(body)) + body)
-    while view:
-        view = view[os.write(fd, view):]
+    _write_frame(fd, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 class _Worker:
