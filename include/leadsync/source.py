@@ -286,10 +286,12 @@ class Source:
         rows += f" WHERE {where}"
         if not ordered:
             return rows
-        return f"{rows} ORDER BY {ts}, w.lead_id, w.stage LIMIT :page"
+        return f"{rows} ORDER BY {ts}, w.lead_id, w.stage LIMIT :page OFFSET :skip"
 
-    def _params(self, window: Window, lo: Cursor | None, exact: bool) -> dict[str, Any]:
-        params: dict[str, Any] = {"hi_ts": self._ts_param(window.hi), "page": self.page_size}
+    def _params(self, window: Window, lo: Cursor | None, exact: bool,
+                skip: int = 0) -> dict[str, Any]:
+        params: dict[str, Any] = {"hi_ts": self._ts_param(window.hi), "page": self.page_size,
+                                  "skip": skip}
         if lo is not None:
             params["lo_ts"] = self._ts_param(lo.ts)
             if exact:
@@ -321,15 +323,22 @@ class Source:
         in its place in the order, as an :class:`UnreadableRow` between chunks. The happy path
         pays nothing for this: only after a read fails is the rest of that page read again,
         from the last row yielded, with lenient decoding (:meth:`_lenient`).
+
+        A page (and a lenient re-read) resumes after the last row that has a cursor to resume
+        from, skipping the rows yielded after it (``OFFSET``): rows without one (an
+        ``updated_at`` Python cannot represent) are neither yielded twice nor, when a whole
+        page holds nothing else, the end of the window.
         """
         lo = window.lo
         exact = lo is not None and lo.lead_id is not None
+        skip = 0  # rows after lo already yielded (they have no cursor to resume after)
         lenient = False
         parse_ts = _sqlite_ts if self._sqlite else to_utc
         while True:
-            params = self._params(window, lo, exact)
+            params = self._params(window, lo, exact, skip)
             n_page = 0
-            last: Cursor | None = None
+            last: Cursor | None = None  # the last row yielded that paging can resume after
+            since = 0  # rows yielded after it (or, with none yet, in this page)
             failed: Exception | None = None
             try:
                 with self.engine.connect() as conn:
@@ -380,15 +389,17 @@ class Source:
                                         found = _marker(row, None, ("updated_at",))
                                     marker = found
                                 if chunk:
+                                    last, since = _resume_after(chunk, last, since)
                                     yield chunk
                                     chunk = []
                                 raw = marker.cursor
                                 if raw is not None and _pageable(raw):
-                                    last = raw
+                                    last, since = raw, 0
+                                else:
+                                    since += 1
                                 yield _storable(marker)
                             if chunk:
-                                if _pageable(chunk[-1]["_cursor"]):
-                                    last = chunk[-1]["_cursor"]
+                                last, since = _resume_after(chunk, last, since)
                                 yield chunk
                     finally:
                         if lenient:
@@ -401,12 +412,11 @@ class Source:
                         from None
                 # Read the rest of this page again, leniently, from the last row yielded.
                 lenient = True
-                if last is not None:
-                    lo, exact = last, True
+                lo, exact, skip = _next_page(lo, exact, skip, last, since)
                 continue
-            if n_page < self.page_size or last is None:
+            if n_page < self.page_size:
                 return
-            if lo is not None and exact and last == lo:
+            if last is not None and lo is not None and exact and last == lo:
                 # The database did not move past the bound it was given: paging again would
                 # re-read the same page forever.
                 raise SourceError(
@@ -415,8 +425,7 @@ class Source:
                     "consistently in the warehouse"
                 )
             # Next page: strictly after the last row, in the warehouse's own ordering.
-            lo = last
-            exact = True
+            lo, exact, skip = _next_page(lo, exact, skip, last, since)
             lenient = False
 
     def _lenient(self, conn: Connection) -> None:
@@ -487,6 +496,25 @@ def _cursor(row: dict[str, Any]) -> Cursor | None:
         return None
     stage = row.get("stage")
     return Cursor(ts, row.get("lead_id"), stage if isinstance(stage, str) else str(stage))
+
+
+def _resume_after(chunk: list[dict[str, Any]], last: Cursor | None,
+                  since: int) -> tuple[Cursor | None, int]:
+    """The last row of ``chunk`` paging can resume after, and how many rows follow it (the
+    state before the chunk when none of its rows can be resumed after)."""
+    for back, row in enumerate(reversed(chunk)):
+        if _pageable(row["_cursor"]):
+            return row["_cursor"], back
+    return last, since + len(chunk)
+
+
+def _next_page(lo: Cursor | None, exact: bool, skip: int, last: Cursor | None,
+               since: int) -> tuple[Cursor | None, bool, int]:
+    """Where the next query starts: after the last row it can resume after, skipping the rows
+    yielded since; with none in this page, at the same bound, skipping this page's rows too."""
+    if last is not None:
+        return last, True, since
+    return lo, exact, skip + since
 
 
 def _pageable(cursor: Cursor) -> bool:

@@ -173,3 +173,39 @@ def test_marker_keys_are_always_storable_text() -> None:
     assert _safe_text(b"L\xff1".decode("utf-8", "surrogateescape")) == "L\ufffd1"
     assert _safe_text("L\ud83d1") == "L?1"
     assert _safe_text(None) == "" and _safe_text(42) == "42"
+
+
+@pytest.mark.parametrize(("page", "chunk"), [(11, 5), (5, 2), (12, 12), (1, 1), (None, 4)])
+def test_a_page_of_rows_without_a_cursor_does_not_end_the_window(sqlite: Engine, page: int | None,
+                                                                  chunk: int) -> None:
+    # Twelve rows whose updated_at Python cannot represent (year 0) sort first: pages full of
+    # them have no row to resume after. Every row comes once, the three after them included.
+    _insert_sqlite(sqlite, 15, {})
+    with sqlite.begin() as conn:
+        conn.execute(text("UPDATE leads SET updated_at = '0000-01-01 00:00:00' "
+                          "WHERE lead_id < 'L12'"))
+    got = read(Source(sqlite, QUERY, chunk_size=chunk, page_size=page))
+    markers = [g for g in got if isinstance(g, UnreadableRow)]
+    assert sorted(m.lead_id for m in markers) == [f"L{i:02d}" for i in range(12)]
+    assert all(m.cursor is None for m in markers)
+    assert [g for g in got if isinstance(g, str)] == ["L12", "L13", "L14"]
+
+
+@pytest.mark.postgres
+def test_postgres_pages_past_rows_whose_cursor_is_out_of_pythons_range(pg_empty_url: str) -> None:
+    engine = make_engine(pg_empty_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE leads (lead_id text, stage text, event_time timestamptz,"
+                          " updated_at timestamptz, value interval)"))
+        for i in range(9):
+            ts = T0 + timedelta(minutes=i)
+            conn.execute(text("INSERT INTO leads VALUES (:l, 'lead', :t, :t, NULL)"),
+                         {"l": f"L{i:02d}", "t": ts})
+        conn.execute(text("UPDATE leads SET updated_at = CAST('0001-06-01 00:00:00+00 BC' AS "
+                          "timestamptz) WHERE lead_id < 'L05'"))
+    query = "SELECT lead_id, stage, event_time, updated_at, value FROM leads"
+    got = read(Source(engine, query, chunk_size=2, page_size=2))
+    markers = [g for g in got if isinstance(g, UnreadableRow)]
+    assert sorted(m.lead_id for m in markers) == [f"L{i:02d}" for i in range(5)]
+    assert [g for g in got if isinstance(g, str)] == ["L05", "L06", "L07", "L08"]
+    engine.dispose()
