@@ -346,7 +346,7 @@ _PASS_COUNTERS = ("read", "staged", "batches", "skipped", "expired", "in_flight"
 
 _NO_BODY: dict[str, Any] = {}  # a waiting row's plan keeps its encoded envelope instead
 # Held outbox batches written per transaction by the check pass (see _StagePass.write).
-_BATCHES_PER_COMMIT = 10
+_BATCHES_PER_COMMIT = 25
 
 
 class _Item(msgspec.Struct, gc=False):
