@@ -7,7 +7,9 @@ outcome lives in the state store, so any step can be retried or run on another w
 
 from __future__ import annotations
 
+import gc
 import logging
+import threading
 import time
 import uuid
 from collections import Counter, deque
@@ -770,6 +772,44 @@ class _StagePass(_Timed):
             return self.state.resolve_quarantine(self.name, sorted(self.passed))
 
 
+_GC_LOCK = threading.Lock()
+_GC_PASSES = 0  # passes running in this process (threads of one test process)
+_GC_SAVED: tuple[int, int, int] | None = None
+_GC_FROZEN_BEFORE = False
+
+
+@contextmanager
+def _pass_gc() -> Iterator[None]:
+    """The cyclic collector's settings for a pass over a window.
+
+    A pass builds a few objects per row that it drops again by reference count (row dicts,
+    cursors, plans): none forms a cycle, yet each makes the collector run more often, and
+    every full collection walks the process's whole heap (Airflow, SQLAlchemy, pydantic…).
+    For the pass, that heap is frozen (left out of collections) and the youngest generation
+    collected every 10,000 new objects instead of 700: ~1 s of CPU less for 200k rows
+    (measured 11.7–13.1 s → 9.9–11.7 s). Both are undone when the last pass ends, unless the
+    heap was frozen for good before (a process that imported Great Expectations itself, see
+    :func:`leadsync.quality.import_gx`): it stays so.
+    """
+    global _GC_PASSES, _GC_SAVED, _GC_FROZEN_BEFORE
+    with _GC_LOCK:
+        if _GC_PASSES == 0:
+            _GC_SAVED = gc.get_threshold()
+            _GC_FROZEN_BEFORE = gc.get_freeze_count() > 0
+            gc.freeze()
+            gc.set_threshold(max(_GC_SAVED[0], 10_000), _GC_SAVED[1], _GC_SAVED[2])
+        _GC_PASSES += 1
+    try:
+        yield
+    finally:
+        with _GC_LOCK:
+            _GC_PASSES -= 1
+            if _GC_PASSES == 0 and _GC_SAVED is not None:
+                gc.set_threshold(*_GC_SAVED)
+                if not _GC_FROZEN_BEFORE:
+                    gc.unfreeze()
+
+
 def _shareable(state: StateStore) -> bool:
     """Whether another process can open the state store (not an in-memory SQLite)."""
     url = state.engine.url
@@ -926,7 +966,7 @@ class Pipeline:
         contract = self.config.contract
         pass_ = _StagePass(self, run_id, self.clock(), run["watermark_before"])
         report: quality.ContractReport | None = None
-        with self.state.heartbeat(name, run_id, self.config.state.lease_ttl):
+        with self.state.heartbeat(name, run_id, self.config.state.lease_ttl), _pass_gc():
             try:
                 if contract.enabled:
                     spec = quality.ContractSpec.from_config(self.config, self.dest)

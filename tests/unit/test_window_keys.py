@@ -110,3 +110,37 @@ def _quarantine(state: StateStore) -> dict[tuple[str, str], str]:
     with state.engine.connect() as conn:
         return {(r.lead_id, r.stage): r.rule for r in conn.execute(text(
             "SELECT lead_id, stage, rule FROM ls_quarantine WHERE destination = 'meta'"))}
+
+
+def test_a_pass_freezes_the_heap_for_its_collections_and_gives_it_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    wh, state = _world(tmp_path)
+    config = _config(tmp_path)
+    pipeline = Pipeline(config, config.destination("meta"), state, wh)
+    seen: list[tuple[int, tuple[int, int, int]]] = []
+    real = quality.window_key_counts
+
+    def spy(*args: Any) -> dict[tuple[str, str], int]:  # called during the pass
+        seen.append((gc.get_freeze_count(), gc.get_threshold()))
+        return real(*args)
+
+    monkeypatch.setattr(quality, "window_key_counts", spy)
+    frozen_for_good = gc.get_freeze_count() > 0  # GX imported in this process: stays so
+    gc.unfreeze()
+    try:
+        threshold = gc.get_threshold()
+        pipeline.open_run("r1")
+        pipeline.check("r1")
+        (during,) = seen
+        assert during[0] > 0 and during[1][0] >= 10_000
+        assert (gc.get_freeze_count(), gc.get_threshold()) == (0, threshold)
+        gc.freeze()  # a heap frozen before a pass stays frozen after it
+        pipeline.check("r1")  # again
+        assert gc.get_freeze_count() > 0 and gc.get_threshold() == threshold
+    finally:
+        if frozen_for_good:
+            gc.freeze()
+        else:
+            gc.unfreeze()
