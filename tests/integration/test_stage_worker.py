@@ -34,9 +34,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def starts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every window uses the stage worker, however small; counts the workers started."""
+def _count_starts(monkeypatch: pytest.MonkeyPatch, min_rows: int) -> list[int]:
+    """The pids of the stage workers started, with the worker's threshold at ``min_rows``."""
     started: list[int] = []
     real = stage_worker.RemoteStager.__init__
 
@@ -44,9 +43,15 @@ def starts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         real(self, *args, **kwargs)
         started.append(self.proc.pid)
 
-    monkeypatch.setattr(pipeline, "WRITER_PROCESS_MIN_ROWS", 0)
+    monkeypatch.setattr(pipeline, "WRITER_PROCESS_MIN_ROWS", min_rows)
     monkeypatch.setattr(stage_worker.RemoteStager, "__init__", counting)
     return started
+
+
+@pytest.fixture
+def starts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every window uses the stage worker, however small; counts the workers started."""
+    return _count_starts(monkeypatch, 0)
 
 
 def _config(writer_process: bool, contract: bool = True, lookback: str = "2h") -> Config:
@@ -202,15 +207,7 @@ def test_a_run_with_nothing_new_starts_no_stage_worker(
         tmp_path: Path, sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker starts for rows to decide and write, not for rows read: a run whose lookback
     re-reads only settled rows (each a key lookup) stages nothing and starts no process."""
-    started: list[int] = []
-    real = stage_worker.RemoteStager.__init__
-
-    def counting(self: Any, *args: Any, **kwargs: Any) -> None:
-        real(self, *args, **kwargs)
-        started.append(self.proc.pid)
-
-    monkeypatch.setattr(pipeline, "WRITER_PROCESS_MIN_ROWS", 100)
-    monkeypatch.setattr(stage_worker.RemoteStager, "__init__", counting)
+    started = _count_starts(monkeypatch, 100)
     wh, state = f"sqlite:///{tmp_path / 'wh.db'}", f"sqlite:///{tmp_path / 'state.db'}"
     world = World(_config(True, lookback="3650d"), wh, state, sandbox.url)  # re-reads all
     demo_data.seed(make_engine(wh), 150, datetime.now(UTC), seed=11)

@@ -117,6 +117,19 @@ def test_a_query_that_fails_outright_is_still_one_clean_error(sqlite: Engine) ->
     assert CANARY not in str(info.value) and "[SQL" not in str(info.value)
 
 
+def _pg_leads(url: str) -> Engine:
+    """A Postgres ``leads`` table of nine rows L00..L08, one minute apart."""
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE leads (lead_id text, stage text, event_time timestamptz,"
+                          " updated_at timestamptz, value interval)"))
+        for i in range(9):
+            ts = T0 + timedelta(minutes=i)
+            conn.execute(text("INSERT INTO leads VALUES (:l, 'lead', :t, :t, NULL)"),
+                         {"l": f"L{i:02d}", "t": ts})
+    return engine
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize(("column", "literal"), [
     ("event_time", "10000-01-01 00:00:00+00"),
@@ -126,14 +139,8 @@ def test_a_query_that_fails_outright_is_still_one_clean_error(sqlite: Engine) ->
 ])
 def test_postgres_values_out_of_pythons_range_are_markers(pg_empty_url: str, column: str,
                                                           literal: str | None) -> None:
-    engine = make_engine(pg_empty_url)
+    engine = _pg_leads(pg_empty_url)
     with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE leads (lead_id text, stage text, event_time timestamptz,"
-                          " updated_at timestamptz, value interval)"))
-        for i in range(9):
-            ts = T0 + timedelta(minutes=i)
-            conn.execute(text("INSERT INTO leads VALUES (:l, 'lead', :t, :t, NULL)"),
-                         {"l": f"L{i:02d}", "t": ts})
         if column == "value":
             conn.execute(text("UPDATE leads SET value = interval '1500000000 days' "
                               "WHERE lead_id = 'L05'"))
@@ -193,14 +200,8 @@ def test_a_page_of_rows_without_a_cursor_does_not_end_the_window(sqlite: Engine,
 
 @pytest.mark.postgres
 def test_postgres_pages_past_rows_whose_cursor_is_out_of_pythons_range(pg_empty_url: str) -> None:
-    engine = make_engine(pg_empty_url)
+    engine = _pg_leads(pg_empty_url)
     with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE leads (lead_id text, stage text, event_time timestamptz,"
-                          " updated_at timestamptz, value interval)"))
-        for i in range(9):
-            ts = T0 + timedelta(minutes=i)
-            conn.execute(text("INSERT INTO leads VALUES (:l, 'lead', :t, :t, NULL)"),
-                         {"l": f"L{i:02d}", "t": ts})
         conn.execute(text("UPDATE leads SET updated_at = CAST('0001-06-01 00:00:00+00 BC' AS "
                           "timestamptz) WHERE lead_id < 'L05'"))
     query = "SELECT lead_id, stage, event_time, updated_at, value FROM leads"
