@@ -788,7 +788,18 @@ def test_rows_reread_by_the_lookback_do_not_count_twice(tmp_path: Path,
     assert pipeline.stage("r2")["counts"]["staged"] == 2
 
 
-def test_null_updated_at_rows_are_quarantined_not_lost(tmp_path: Path, query_file: Path) -> None:
+def test_null_updated_at_rows_are_quarantined_not_lost(tmp_path: Path, query_file: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    scans: list[str] = []
+    real = quality.null_cursor_rows
+
+    def spy(*args: Any) -> list[dict[str, Any]]:
+        scans.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(quality, "null_cursor_rows", spy)
     pipeline = _pipeline(tmp_path, query_file)
     with pipeline.warehouse.begin() as conn:
         conn.execute(text("INSERT INTO raw_leads (lead_id, stage, event_time, updated_at, email) "
@@ -800,6 +811,8 @@ def test_null_updated_at_rows_are_quarantined_not_lost(tmp_path: Path, query_fil
     assert result["rows"] == 10 and result["outside_window_rows"] == 2
     assert result["quarantined"] == {"missing_updated_at": 2}
     assert pipeline.state.open_quarantine_keys("meta") == {("N-0", "lead"), ("N-1", "lead")}
+    # The table was scanned once, beside the window's read (not after it, in the task).
+    assert len(scans) == 1 and scans[0].startswith("null-cursor scan"), scans
 
 
 # -- config ------------------------------------------------------------------------------------
