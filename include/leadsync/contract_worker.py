@@ -74,6 +74,15 @@ def _recv(fd: int) -> Any:
     return None if body is None else pickle.loads(body)  # noqa: S301 - our own process
 
 
+def _readable(fd: int) -> bool:
+    """Whether ``fd`` has something to read now (a message, or end of file). ``poll``, not
+    ``select``: select fails on a descriptor numbered over 1,023, which a process holding many
+    files and connections (a test run, a busy worker) reaches."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def _send(fd: int, message: Any) -> None:
     _write_frame(fd, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
@@ -203,7 +212,7 @@ class WorkerValidator:
         """Takes the answer to the suite request, when it comes first; False if it would
         have to wait and ``block`` is false."""
         while self.expected and self.expected[0] == "suite":
-            if not block and not select.select([self.worker.out], [], [], 0)[0]:
+            if not block and not _readable(self.worker.out):
                 return False
             self._reply()
         return True
@@ -214,7 +223,7 @@ class WorkerValidator:
     def ready(self) -> bool:
         if not self._skip_setup(block=False) or not self.expected:
             return False
-        return bool(select.select([self.worker.out], [], [], 0)[0])
+        return _readable(self.worker.out)
 
     def take(self) -> list[_Result]:
         self._skip_setup(block=True)

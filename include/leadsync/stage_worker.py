@@ -34,7 +34,6 @@ import gc
 import os
 import queue
 import resource
-import select
 import subprocess
 import sys
 import threading
@@ -43,7 +42,14 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from leadsync import faults
-from leadsync.contract_worker import _read_frame, _recv, _send, _write_frame, end_process
+from leadsync.contract_worker import (
+    _read_frame,
+    _readable,
+    _recv,
+    _send,
+    _write_frame,
+    end_process,
+)
 
 if TYPE_CHECKING:
     from leadsync.pipeline import StageResult
@@ -147,7 +153,7 @@ class RemoteStager:
                 return
 
     def _put(self, message: Any) -> None:
-        if select.select([self.out], [], [], 0)[0]:
+        if _readable(self.out):
             self._answer()  # the worker answered early: an error or a crash, raised here
         while True:
             try:
