@@ -1300,6 +1300,9 @@ class Pipeline:
         before, after = self.state.commit_run(run_id, self.dest.name, status)
         crash_point("before_lease_release")
         self.state.release_lease(self.dest.name, run_id)
+        # The run's rewritten ledger rows and deleted payloads, on a Postgres that does not
+        # reclaim them itself (after the lease: the next run need not wait for it).
+        self.state.vacuum_dead()
         run = self.state.get_run(run_id, self.dest.name) or {}
         summary = {
             "destination": self.dest.name,
@@ -1319,6 +1322,7 @@ class Pipeline:
         # the ledger rows of this run, in the transaction that closes it.
         self.state.discard_held(self.dest.name, run_id, status=status)
         self.state.release_lease(self.dest.name, run_id)
+        self.state.vacuum_dead()
         watermark = self.state.get_watermark(self.dest.name)
         mark = watermark.as_dict() if watermark else None
         summary = {
