@@ -122,6 +122,38 @@ def test_migrate_creates_every_table_and_records_the_version(store: StateStore) 
     assert {t.name for t in metadata.sorted_tables} <= tables
 
 
+@pytest.mark.postgres
+def test_the_status_index_leaves_delivered_events_out_on_postgres(pg_empty_url: str) -> None:
+    """Migration 7 turns a status index of every event (as migration 1 made it) into one of
+    the events not delivered; a database made at once gets the same."""
+    from sqlalchemy import delete, text
+
+    def definition(engine: Engine) -> str:
+        with engine.connect() as conn:
+            return str(conn.execute(text(
+                "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_ls_ledger_status'"
+            )).scalar())
+
+    engine = make_engine(pg_empty_url)
+    try:
+        store = StateStore(engine)
+        store.migrate()
+        assert definition(engine).endswith("WHERE ((status)::text <> 'delivered'::text)")
+        with engine.begin() as conn:  # back to version 6, with its index
+            conn.exec_driver_sql("DROP INDEX ix_ls_ledger_status")
+            conn.exec_driver_sql("CREATE INDEX ix_ls_ledger_status ON ls_ledger "
+                                 "(destination, status)")
+            conn.execute(delete(schema_version).where(schema_version.c.version == 7))
+        assert "WHERE" not in definition(engine)
+        start(store, "r1", cur(1))
+        stage(store, "r1", "b1", ["e1", "e2"], prev=cur(0))
+        assert StateStore(engine).migrate() == SCHEMA_VERSION == 7
+        assert definition(engine).endswith("WHERE ((status)::text <> 'delivered'::text)")
+        assert store.pending_batch_ids(DEST) == ["b1"]
+    finally:
+        engine.dispose()
+
+
 def test_migrate_is_idempotent(engine: Engine) -> None:
     first = StateStore(engine)
     assert first.migrate() == SCHEMA_VERSION
