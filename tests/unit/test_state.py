@@ -147,11 +147,35 @@ def test_the_status_index_leaves_delivered_events_out_on_postgres(pg_empty_url: 
         assert "WHERE" not in definition(engine)
         start(store, "r1", cur(1))
         stage(store, "r1", "b1", ["e1", "e2"], prev=cur(0))
-        assert StateStore(engine).migrate() == SCHEMA_VERSION == 7
+        assert StateStore(engine).migrate() == SCHEMA_VERSION
         assert definition(engine).endswith("WHERE ((status)::text <> 'delivered'::text)")
         assert store.pending_batch_ids(DEST) == ["b1"]
     finally:
         engine.dispose()
+
+
+def test_the_ledger_has_no_index_by_lead(engine: Engine) -> None:
+    """Migration 8 drops the ledger's index by lead (no query used it; every write paid for
+    it); a database made at once never has it."""
+    from sqlalchemy import delete
+
+    def indexes() -> set[str]:
+        return {str(i["name"]) for i in inspect(engine).get_indexes("ls_ledger")}
+
+    store = StateStore(engine)
+    store.migrate()
+    assert "ix_ls_ledger_lead" not in indexes()
+    assert "ix_ls_ledger_status" in indexes()
+    start(store, "r1", cur(1))
+    stage(store, "r1", "b1", ["e1", "e2"], prev=cur(0))
+    with engine.begin() as conn:  # back to version 7, with its index
+        conn.exec_driver_sql("CREATE INDEX ix_ls_ledger_lead ON ls_ledger (destination, lead_id)")
+        conn.execute(delete(schema_version).where(schema_version.c.version == 8))
+    assert "ix_ls_ledger_lead" in indexes()
+    assert StateStore(engine).migrate() == SCHEMA_VERSION == 8
+    assert "ix_ls_ledger_lead" not in indexes()
+    assert store.pending_batch_ids(DEST) == ["b1"]
+    assert set(store.ledger_lookup(DEST, ["e1", "e2"])) == {"e1", "e2"}
 
 
 def test_migrate_is_idempotent(engine: Engine) -> None:

@@ -121,7 +121,7 @@ ledger = Table(
     # index: its planner uses a partial one only for a query repeating the index's condition.
     Index("ix_ls_ledger_status", "destination", "status",
           postgresql_where=sql_text(f"status <> '{DELIVERED}'")),
-    Index("ix_ls_ledger_lead", "destination", "lead_id"),
+    # No index by lead: no query looks a lead up (see _migration_no_lead_index).
 )
 
 outbox = Table(
@@ -338,13 +338,23 @@ def _migration_status_partial(conn: Connection) -> None:
     )
 
 
+def _migration_no_lead_index(conn: Connection) -> None:
+    # ix_ls_ledger_lead (destination, lead_id) served no query: reprocessing, the UI and the
+    # CLI reach ledger rows by event id or by status. It cost an entry for every event staged
+    # and, on Postgres, for every outcome recorded (the row is rewritten). Measured on 400,000
+    # events, three interleaved runs each: Postgres staging 15.0 -> 13.9 s, recording
+    # deliveries 17.7 -> 14.6 s; SQLite staging 8.0 -> 7.4 s.
+    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_ls_ledger_lead")
+
+
 # Ordered; each entry runs once, in its own transaction, recorded in ls_schema_version.
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2,
                                                   _migration_outbox_claims,
                                                   _migration_coverage_and_alerts,
                                                   _migration_outbox_lz4,
                                                   _migration_payloads_apart,
-                                                  _migration_status_partial]
+                                                  _migration_status_partial,
+                                                  _migration_no_lead_index]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Postgres advisory lock key that serialises migrators (any constant unique to leadsync).
 _MIGRATION_LOCK = 0x6C65616473796E63  # "leadsync"
