@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import pytest
 import requests
+from sqlalchemy import Engine
 
 from leadsync import demo_data, faults
 from leadsync.config import Config, parse_config
@@ -76,15 +77,28 @@ class World:
     state_url: str
     sandbox_url: str
     watermarks: list[Any] = field(default_factory=list)
+    # Engines made for the current run (fresh ones per run, as each task process has):
+    # released when the run ends, so their connections do not wait for the garbage
+    # collector (ten Postgres schedules reached the server's 100 connections).
+    engines: list[Engine] = field(default_factory=list)
+
+    def engine(self, url: str) -> Engine:
+        engine = make_engine(url)
+        self.engines.append(engine)
+        return engine
+
+    def release(self) -> None:
+        while self.engines:
+            self.engines.pop().dispose()
 
     def pipeline(self, dest: str = "meta") -> Pipeline:
         creds = parse_credentials(self.sandbox_url, META_TOKEN, {"pixel_id": META_PIXEL})
         return Pipeline(self.config, self.config.destination(dest), self.store(),
-                        make_engine(self.warehouse_url), credentials=lambda: creds,
+                        self.engine(self.warehouse_url), credentials=lambda: creds,
                         sleep=lambda s: None)
 
     def store(self) -> StateStore:
-        store = StateStore(make_engine(self.state_url))
+        store = StateStore(self.engine(self.state_url))
         store.migrate()
         return store
 
@@ -117,6 +131,13 @@ def _task(fn: Callable[[], T], retries: int) -> T:
 def run_like_the_dag(world: World, run_id: str) -> str:
     """One DAG run: open_run → check_contract → stage_events → push_lane (mapped over the
     destination's lanes, run one after the other here) → commit_watermark (all_done)."""
+    try:
+        return _run_like_the_dag(world, run_id)
+    finally:
+        world.release()
+
+
+def _run_like_the_dag(world: World, run_id: str) -> str:
     pipeline = world.pipeline()
     try:
         pipeline.open_run(run_id)
@@ -147,11 +168,14 @@ def expected_events(world: World) -> dict[str, Planned]:
     source = Source(pipeline.warehouse, world.config.source.read_query(), 500, 10_000)
     now = datetime.now(UTC)
     wanted: dict[str, Planned] = {}
-    for chunk in source.stream(Window(None, now + timedelta(days=1))):
-        for row in chunk:
-            plan = plan_row(row, world.config.destination("meta"), module, now)
-            if isinstance(plan, Planned):
-                wanted[plan.event_id] = plan
+    try:
+        for chunk in source.stream(Window(None, now + timedelta(days=1))):
+            for row in chunk:
+                plan = plan_row(row, world.config.destination("meta"), module, now)
+                if isinstance(plan, Planned):
+                    wanted[plan.event_id] = plan
+    finally:
+        world.release()
     return wanted
 
 
@@ -221,7 +245,11 @@ def run_schedule(seed: int, world: World, tally: Tally) -> None:
             break
     else:
         pytest.fail(f"schedule {seed}: no successful run after recovery")
-    check_invariants(world, poison, seed, tally, lost_response)
+    wh.dispose()
+    try:
+        check_invariants(world, poison, seed, tally, lost_response)
+    finally:
+        world.release()
 
 
 def check_invariants(world: World, poison: set[str], seed: int, tally: Tally,
