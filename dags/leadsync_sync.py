@@ -15,12 +15,13 @@ One DAG per destination in `include/leadsync.yaml` (dag_id `leadsync_<name>`). E
    if the window is broken (a missing column, a column of the wrong type, or more failing
    rows than `contract.failure_threshold`), they are discarded, the task fails and nothing is
    sent.
-3. **stage_events** hands push the batches to send (this run's and older leftovers).
-4. **push_lane** (mapped over the destination's `push_lanes`, default 2: a fixed number of
-   task instances whatever the backlog) drains the pending outbox batches, older leftovers
-   first: each lane claims one batch at a time atomically (two lanes or workers never send
-   one batch), sends it through one HTTP session and records each event's outcome in the
-   ledger.
+3. **stage_events** hands push the batches to send (this run's and older leftovers), and
+   says how many lanes to start: one per pending batch, at most `push_lanes`.
+4. **push_lane** (mapped over those lanes: a bounded number of task instances whatever the
+   backlog, and none when nothing is pending) drains the pending outbox batches, older
+   leftovers first: each lane claims one batch at a time atomically (two lanes or workers
+   never send one batch), sends it through one HTTP session and records each event's
+   outcome in the ledger.
 5. **commit_watermark** moves the watermark past terminal rows only and frees the lease; after
    a failed contract check it only frees the lease (the watermark stays). A run that ends
    green emits an Asset event `leadsync://<name>` with its counts in `extra`; alerts
@@ -92,11 +93,15 @@ def build_dag(dest: DestinationConfig) -> DAG:
                 raise AirflowFailException(str(exc)) from None  # no retry: fix the source first
 
         @task
-        def stage_events(run: dict[str, Any]) -> dict[str, Any]:
+        def stage_events(run: dict[str, Any], **context: Any) -> list[int]:
             from leadsync.tasks import pipeline_for
 
-            # Batch ids and counts (identifiers left out of the events included).
-            return pipeline_for(dest.name).stage(run["run_id"])
+            staged = pipeline_for(dest.name).stage(run["run_id"])
+            # The run's counts (identifiers left out of the events included) under "counts";
+            # the lanes to push in are what push_lane maps over.
+            context["ti"].xcom_push(key="counts", value=staged["counts"])
+            context["ti"].xcom_push(key="batches", value=len(staged["batch_ids"]))
+            return staged["lanes"]
 
         @task(retries=3)
         def push_lane(lane: int, **context: Any) -> dict[str, int]:
@@ -143,7 +148,9 @@ def build_dag(dest: DestinationConfig) -> DAG:
         checked = check_contract(run)  # type: ignore[arg-type]  # XComArg resolves at runtime
         batches = stage_events(run)  # type: ignore[arg-type]
         checked >> batches
-        lanes = push_lane.expand(lane=list(range(dest.push_lanes)))
+        # One lane per pending batch, at most push_lanes; none (and no task process) when
+        # nothing is pending.
+        lanes = push_lane.expand(lane=batches)
         committed = commit_watermark()
         batches >> lanes >> committed
 

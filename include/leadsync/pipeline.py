@@ -1137,7 +1137,8 @@ class Pipeline:
 
     def stage(self, run_id: str) -> dict[str, Any]:
         """The batches to push: every pending batch of the destination (older runs' first),
-        and the counts of this run's pass.
+        the counts of this run's pass, and the push lanes to start (``lanes``: one per batch,
+        at most ``push_lanes``; none when nothing is pending).
 
         Staging itself happens in :meth:`check`, in the same pass over the window as the
         contract; this step refuses a run whose check has not passed.
@@ -1156,7 +1157,10 @@ class Pipeline:
         if dropped:
             log.warning("staged %s without unusable identifiers (the rows are sent on their "
                         "other match keys): %s", self.dest.name, dropped)
-        return {"batch_ids": batch_ids, "counts": {**counts, **dropped}}
+        # As many push lanes as there are batches, up to push_lanes: a run with nothing to send
+        # maps push_lane over no lane, and Airflow starts no task process for it.
+        lanes = list(range(min(self.dest.push_lanes, len(batch_ids))))
+        return {"batch_ids": batch_ids, "counts": {**counts, **dropped}, "lanes": lanes}
 
     def push_lane(self, run_id: str, lane: int = 0,
                   client: HttpClient | None = None) -> dict[str, int]:

@@ -56,11 +56,11 @@ def _task_states(home: Path, run_id: str) -> dict[str, str]:
             "AND run_id = :r"), {"r": run_id})}
 
 
-def _xcom(home: Path, run_id: str, task_id: str) -> Any:
+def _xcom(home: Path, run_id: str, task_id: str, key: str = "return_value") -> Any:
     with _airflow_db(home).connect() as conn:
         value = conn.execute(text(
             "SELECT value FROM xcom WHERE dag_id = 'leadsync_meta' AND run_id = :r "
-            "AND task_id = :t AND key = 'return_value'"), {"r": run_id, "t": task_id}).scalar()
+            "AND task_id = :t AND key = :k"), {"r": run_id, "t": task_id, "k": key}).scalar()
     return json.loads(value) if isinstance(value, str | bytes) else value
 
 
@@ -126,7 +126,7 @@ def test_bad_rows_are_quarantined_the_rest_sent_and_a_fixed_row_follows(
     counts = _run_counts(backend, dr.run_id)["counts"]
     assert counts["identifiers_dropped.email.bad_email"] == \
         report["identifiers_dropped"]["email.bad_email"]
-    staged = _xcom(home, dr.run_id, "stage_events")["counts"]
+    staged = _xcom(home, dr.run_id, "stage_events", "counts")
     assert staged["identifiers_dropped.email.bad_email"] == \
         report["identifiers_dropped"]["email.bad_email"]
     assert counts["checked"] == counts["read"] == seeded

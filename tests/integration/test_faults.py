@@ -130,7 +130,7 @@ def _task(fn: Callable[[], T], retries: int) -> T:
 
 def run_like_the_dag(world: World, run_id: str) -> str:
     """One DAG run: open_run → check_contract → stage_events → push_lane (mapped over the
-    destination's lanes, run one after the other here) → commit_watermark (all_done)."""
+    lanes stage_events names, run one after the other here) → commit_watermark (all_done)."""
     try:
         return _run_like_the_dag(world, run_id)
     finally:
@@ -151,7 +151,7 @@ def _run_like_the_dag(world: World, run_id: str) -> str:
         staged = None
         pushed_ok = False
     if staged is not None:
-        for lane in range(world.config.destination("meta").push_lanes):
+        for lane in staged["lanes"]:  # as many as the DAG maps push_lane over
             try:
                 _task(lambda n=lane: pipeline.push_lane(run_id, n), retries=1)
             except Exception:  # noqa: BLE001 - recorded; the run turns red at the leaf

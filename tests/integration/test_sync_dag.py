@@ -41,12 +41,21 @@ def _dag_state(dagrun: Any) -> str:
     return str(getattr(dagrun.state, "value", dagrun.state))
 
 
+def _push_lanes_run(dagrun: Any) -> list[tuple[int, str]]:
+    """The push_lane task instances of a run: (map index, state)."""
+    return sorted((ti.map_index, str(getattr(ti.state, "value", ti.state)))
+                  for ti in dagrun.get_task_instances() if ti.task_id == "push_lane")
+
+
 def test_first_run_sends_everything_eligible_then_nothing(backend: Backend) -> None:
     seeded = backend.seed(200)
     assert seeded > 200
 
     dr = backend.run_dag()
     assert _dag_state(dr) == "success"
+    # One lane per batch, at most push_lanes (2): the run's events fit in one batch.
+    assert _last_counts(backend)["batches"] == 1
+    assert _push_lanes_run(dr) == [(0, "success")]
     state = _state(backend)
     counts = _last_counts(backend)
     unique = backend.sandbox_events(unique=True)
@@ -72,6 +81,9 @@ def test_first_run_sends_everything_eligible_then_nothing(backend: Backend) -> N
     after = backend.sandbox_stats()
     assert after["events_received"] == before["events_received"]
     assert _last_counts(backend).get("staged", 0) == 0
+    # Nothing pending: push_lane is mapped over no lane, no task process starts for it, and
+    # commit_watermark still runs.
+    assert _push_lanes_run(dr) == [(-1, "skipped")]
     wm2 = _wm(backend)
     assert wm2 is not None and wm2.ts >= wm1.ts
 
