@@ -1215,7 +1215,10 @@ class Pipeline:
             def renew() -> None:
                 self.state.renew_claims(self.dest.name, holder, ttl)
 
-            with self.state.heartbeat(self.dest.name, run_id, ttl, also=renew), _pass_gc():
+            # Claims and outcomes go through one connection (see StateStore.pinned); the
+            # heartbeat's thread and releases after an error use the pool.
+            with self.state.heartbeat(self.dest.name, run_id, ttl, also=renew), _pass_gc(), \
+                    self.state.pinned() as lane_state:
                 while True:
                     while error is None and len(flying) < width:
                         lease_of = None  # held: checked at the start of the step
@@ -1227,7 +1230,7 @@ class Pipeline:
                             # A run that lost its lease stops here: the lease is checked
                             # (as by _hold) in the claim's own transaction.
                             lease_of = run_id
-                        batch = self.state.claim_batch(self.dest.name, run_id, holder, ttl,
+                        batch = lane_state.claim_batch(self.dest.name, run_id, holder, ttl,
                                                        batch_id=batch_id, raw_bodies=raw,
                                                        lease_of=lease_of)
                         if batch is None:
@@ -1240,7 +1243,8 @@ class Pipeline:
                         break
                     batch, sending = flying[0]  # outcomes are recorded in claim order
                     try:
-                        counts = self._record(run_id, batch, sending.result(), holder)
+                        counts = self._record(lane_state, run_id, batch, sending.result(),
+                                              holder)
                     except Exception as exc:  # noqa: BLE001 - raised once the others are in
                         # The batch is free again at once (recorded outcomes ended the claim
                         # already); the requests still in flight are answered and recorded
@@ -1275,12 +1279,12 @@ class Pipeline:
             log.warning("could not release the claim on batch %s; it expires instead",
                         batch_id, exc_info=True)
 
-    def _record(self, run_id: str, batch: Batch, report: DeliveryReport,
+    def _record(self, state: StateStore, run_id: str, batch: Batch, report: DeliveryReport,
                 holder: str) -> dict[str, int]:
         """Records the answer to one batch's request (every event's outcome)."""
         counts = dict(summarize(report))
         crash_point("after_send_before_record")
-        self.state.record_outcomes(batch, report.outcomes, run_id, counts, holder=holder,
+        state.record_outcomes(batch, report.outcomes, run_id, counts, holder=holder,
                                    answered=report.error is None)
         log.info("batch %s of %s: %s", batch.batch_id, self.dest.name, counts)
         if report.error is not None:

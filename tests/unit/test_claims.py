@@ -232,3 +232,69 @@ def test_migration_adds_the_claim_columns_to_an_older_outbox(engine: Engine,
     assert {"claimed_by", "claim_run", "claimed_until"} <= columns
     stage(again, "r1", "b1", ["e1"], prev=None)
     assert again.claim_batch(DEST, "r1", "lane 0", HOUR) is not None
+
+
+def test_outcomes_of_large_and_small_groups_together(store: StateStore) -> None:
+    """Postgres updates a group of events sharing an outcome by one statement over their ids
+    (from 20 events on) and the rest row by row, in one batch: each event gets its own
+    outcome, ids that need quoting included."""
+    start(store, "r1", None)
+    odd = ['quo"te\\d', "ünï-çødé ✓", "it's", "a,b", "{brace}", "NULL"]
+    ids = [f"e{i:03d}" for i in range(80)] + odd
+    stage(store, "r1", "b1", ids, prev=None)
+    batch = store.claim_batch(DEST, "r1", "lane 0", HOUR)
+    assert batch is not None
+    limited = EventOutcome(FAILED, "rate_limited", "same detail")
+    outcomes: dict[str, EventOutcome] = {}
+    for i, e in enumerate(ids):
+        if i < 50 or e in odd[:3]:
+            outcomes[e] = EventOutcome(DELIVERED)  # a group of 53
+        elif i < 75 or e in odd[3:5]:
+            outcomes[e] = limited  # a group of 27
+        elif e != "NULL":
+            outcomes[e] = EventOutcome(FAILED, "rejected", f"own {i}")  # row by row
+    store.record_outcomes(batch, outcomes, "r1", holder="lane 0")  # "NULL": no answer
+    rows = ledger_by_id(store)
+    assert len(rows) == len(ids)
+    for e in ids:
+        got = (rows[e]["status"], rows[e]["reason"], rows[e]["detail"], rows[e]["attempts"])
+        if e == "NULL":
+            assert got == (PENDING, None, None, 0)
+            continue
+        o = outcomes[e]
+        assert got == (o.status, o.reason, o.detail, 1), e
+        assert (rows[e]["delivered_at"] is not None) == (o.status == DELIVERED)
+
+
+def test_a_pinned_store_uses_one_connection_and_reconnects_after_losing_it(
+        engine: Engine, store: StateStore) -> None:
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    start(store, "r1", None)
+    for n in range(4):
+        stage(store, "r1", f"b{n}", [f"e{n}"], prev=None, seq=n)
+    checkouts: list[int] = []
+    event.listen(engine, "checkout", lambda *a: checkouts.append(1))
+    with store.pinned() as lane:
+        for n in range(2):
+            batch = lane.claim_batch(DEST, "r1", "lane 0", HOUR)
+            assert batch is not None and batch.batch_id == f"b{n}"
+            lane.record_outcomes(batch, {f"e{n}": EventOutcome(DELIVERED)}, "r1",
+                                 holder="lane 0")
+        assert len(checkouts) == 1
+        if engine.dialect.name == "postgresql":
+            # The server ends the connection: the next transaction fails, the one after
+            # reconnects.
+            with lane.engine.connect() as conn:
+                pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+            with store.engine.begin() as other:
+                other.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            with pytest.raises(OperationalError):
+                lane.claim_batch(DEST, "r1", "lane 0", HOUR)
+        batch = lane.claim_batch(DEST, "r1", "lane 0", HOUR)
+        assert batch is not None and batch.batch_id == "b2"
+    assert {b: outbox_row(store, b).status for b in ("b0", "b1")} == {"b0": BATCH_DONE,
+                                                                     "b1": BATCH_DONE}
+    with pytest.raises(AttributeError, match="begin\\(\\) and connect\\(\\) only"):
+        lane.engine.dispose()

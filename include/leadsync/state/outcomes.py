@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, and_, bindparam, case, delete, func, literal, or_, select, update
+from sqlalchemy import Text, and_, any_, bindparam, case, delete, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
@@ -47,6 +47,8 @@ from leadsync.state.schema import (
 
 # Ledger rows per statement when outcomes are written.
 _OUTCOME_CHUNK = 2000
+# Postgres: events sharing an outcome are one statement of their own from this many on.
+_GROUP_MIN = 20
 # An event the request did not answer for stays pending.
 _NO_OUTCOME = EventOutcome(PENDING)
 
@@ -229,30 +231,7 @@ def _write_outcomes(conn: Connection, destination: str, outcomes: Mapping[str, E
     if not outcomes:
         return
     if conn.dialect.name == "postgresql":
-        stamp = literal(now, UTCDateTime())
-        # Four array parameters, not a VALUES list: the statement compiles once (a 1,000-row
-        # VALUES took 0.3 s to compile), and unnest's small row estimate keeps the planner on
-        # the primary key instead of hashing the whole ledger (measured 55 ms vs 200-450 ms
-        # per 1,000 events on a 200k-row ledger).
-        v = func.unnest(
-            bindparam("b_ids", type_=ARRAY(Text)), bindparam("b_statuses", type_=ARRAY(Text)),
-            bindparam("b_reasons", type_=ARRAY(Text)), bindparam("b_details", type_=ARRAY(Text)),
-        ).table_valued("event_id", "status", "reason", "detail").render_derived(name="v")
-        stmt = (
-            update(ledger)
-            .where(ledger.c.destination == destination, ledger.c.event_id == v.c.event_id)
-            .values(status=v.c.status, reason=v.c.reason, detail=v.c.detail, updated_at=now,
-                    attempts=ledger.c.attempts + 1,
-                    delivered_at=case((v.c.status == DELIVERED, stamp),
-                                      else_=ledger.c.delivered_at))
-        )
-        items = list(outcomes.items())
-        for start in range(0, len(items), _OUTCOME_CHUNK):
-            part = items[start : start + _OUTCOME_CHUNK]
-            conn.execute(stmt, {"b_ids": [e for e, _ in part],
-                                "b_statuses": [o.status for _, o in part],
-                                "b_reasons": [o.reason for _, o in part],
-                                "b_details": [o.detail for _, o in part]})
+        _write_outcomes_pg(conn, destination, outcomes, now)
         return
     # Events with the same outcome (a whole delivered batch, usually) are updated by one
     # statement over their ids as a JSON array: sqlite3 gives Python's lock back once per
@@ -261,11 +240,8 @@ def _write_outcomes(conn: Connection, destination: str, outcomes: Mapping[str, E
     # 1.5 s per event, 1.3 s per group). Outcomes of their own (failures with a detail each)
     # go through one executemany, which loops in C.
     when = driver_time(now, conn.dialect)  # formatted once
-    groups: dict[tuple[str, str | None, str | None], list[str]] = {}
-    for event_id, o in outcomes.items():
-        groups.setdefault((o.status, o.reason, o.detail), []).append(event_id)
     single: list[tuple[Any, ...]] = []
-    for (status, reason, detail), ids in groups.items():
+    for (status, reason, detail), ids in _same_outcome(outcomes).items():
         if len(ids) == 1:
             single.append((status, reason, detail, when, status, when, destination, ids[0]))
             continue
@@ -274,6 +250,66 @@ def _write_outcomes(conn: Connection, destination: str, outcomes: Mapping[str, E
             (status, reason, detail, when, status, when, destination, json.dumps(ids)))
     if single:
         conn.exec_driver_sql(f"{_SQLITE_OUTCOME} event_id = ?", single)
+
+
+def _same_outcome(outcomes: Mapping[str, EventOutcome],
+                  ) -> dict[tuple[str, str | None, str | None], list[str]]:
+    """The events grouped by their outcome (status, reason, detail)."""
+    groups: dict[tuple[str, str | None, str | None], list[str]] = {}
+    for event_id, o in outcomes.items():
+        groups.setdefault((o.status, o.reason, o.detail), []).append(event_id)
+    return groups
+
+
+def _write_outcomes_pg(conn: Connection, destination: str,
+                       outcomes: Mapping[str, EventOutcome], now: datetime) -> None:
+    """Postgres: a group of events with one outcome (a delivered batch) is one ``UPDATE …
+    WHERE event_id = ANY(ids)``; events with outcomes of their own, one ``UPDATE … FROM
+    unnest(arrays)``. Both find the rows through the primary key. The group's form joins
+    nothing and sends one array instead of four: 16.6 vs 18.8 ms per 1,000-event batch
+    (median of 40 each, interleaved, 1M-row ledger)."""
+    stamp = literal(now, UTCDateTime())
+    groups = _same_outcome(outcomes)
+    mixed: dict[str, EventOutcome] = {}
+    if len(groups) > 1:  # the few events of their own go row by row
+        for key in [k for k, ids in groups.items() if len(ids) < _GROUP_MIN]:
+            mixed.update((e, outcomes[e]) for e in groups.pop(key))
+    for (status, reason, detail), ids in groups.items():
+        stmt = (
+            update(ledger)
+            .where(ledger.c.destination == destination,
+                   ledger.c.event_id == any_(bindparam("g_ids", type_=ARRAY(Text))))
+            .values(status=status, reason=reason, detail=detail, updated_at=now,
+                    attempts=ledger.c.attempts + 1,
+                    delivered_at=stamp if status == DELIVERED else ledger.c.delivered_at)
+        )
+        for start in range(0, len(ids), _OUTCOME_CHUNK):
+            conn.execute(stmt, {"g_ids": ids[start : start + _OUTCOME_CHUNK]})
+    if not mixed:
+        return
+    # Four array parameters, not a VALUES list: the statement compiles once (a 1,000-row
+    # VALUES took 0.3 s to compile), and unnest's small row estimate keeps the planner on
+    # the primary key instead of hashing the whole ledger (measured 55 ms vs 200-450 ms
+    # per 1,000 events on a 200k-row ledger).
+    v = func.unnest(
+        bindparam("b_ids", type_=ARRAY(Text)), bindparam("b_statuses", type_=ARRAY(Text)),
+        bindparam("b_reasons", type_=ARRAY(Text)), bindparam("b_details", type_=ARRAY(Text)),
+    ).table_valued("event_id", "status", "reason", "detail").render_derived(name="v")
+    rowwise = (
+        update(ledger)
+        .where(ledger.c.destination == destination, ledger.c.event_id == v.c.event_id)
+        .values(status=v.c.status, reason=v.c.reason, detail=v.c.detail, updated_at=now,
+                attempts=ledger.c.attempts + 1,
+                delivered_at=case((v.c.status == DELIVERED, stamp),
+                                  else_=ledger.c.delivered_at))
+    )
+    items = list(mixed.items())
+    for start in range(0, len(items), _OUTCOME_CHUNK):
+        part = items[start : start + _OUTCOME_CHUNK]
+        conn.execute(rowwise, {"b_ids": [e for e, _ in part],
+                               "b_statuses": [o.status for _, o in part],
+                               "b_reasons": [o.reason for _, o in part],
+                               "b_details": [o.detail for _, o in part]})
 
 
 _SQLITE_OUTCOME = (
