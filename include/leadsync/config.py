@@ -321,11 +321,8 @@ class ContractConfig(_Strict):
     # hashed and encoded, in the stage worker for their batch's verdict). A validation costs
     # ~0.4 s whatever its size plus ~11 ms per 1,000 rows: 200k rows took the GX worker 21.7 s
     # of validation in batches of 10,000 and 7.2 s in batches of 25,000, whose processes
-    # peaked at 189 MB (task), 317 MB (stage worker) and 320 MB (GX worker). At 1M rows
-    # (`leadsync bench`, the real DAG on SQLite): 15.4-16.7 s of validation in batches of
-    # 25,000 and 9.2-9.4 s in batches of 50,000, the stage worker then peaking at 359 MB
-    # with one batch waiting for its verdict (quality.MAX_ROWS_IN_FLIGHT).
-    batch_rows: int = Field(default=50_000, ge=100, le=200_000)
+    # peaked at 189 MB (task), 317 MB (stage worker) and 320 MB (GX worker).
+    batch_rows: int = Field(default=25_000, ge=100, le=200_000)
     # Validate in a worker process of the check task, on another core, while the task reads,
     # plans and stages the next rows (false: in the task's own process, one core).
     separate_process: bool = True

@@ -76,13 +76,11 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from leadsync.contract_worker import WorkerValidator
 
-# Rows handed to the worker process in batches still without a verdict, at most (memory
-# bound: their rows wait, hashed and encoded, in the stage worker): as many batches as fit,
-# at least one. Measured at 200k rows in batches of 25,000: with one batch the pass waited
-# ~3 s for the worker's GX import and the task peaked at 350 MB; with four it did not wait
-# and peaked at 418 MB; two (50,000 rows) kept most of the gain under 400 MB. At 1M rows in
-# batches of 50,000, two batches took the stage worker to 410 MB.
-MAX_ROWS_IN_FLIGHT = 50_000
+# Batches handed to the worker process and still without a verdict, at most (memory bound:
+# their rows wait, hashed and encoded). Measured at 200k rows: with 1 the pass waited ~3 s
+# for the worker's GX import and the task peaked at 350 MB; with 4 it did not wait and
+# peaked at 418 MB. Two: most of the gain, under 400 MB.
+MAX_BATCHES_IN_FLIGHT = 2
 
 MAX_ID_LENGTH = 128  # ls_quarantine.lead_id / ls_ledger.lead_id
 MAX_STAGE_LENGTH = 64  # ls_quarantine.stage / ls_ledger.stage
@@ -1147,9 +1145,8 @@ class ContractSession:
     (:mod:`leadsync.contract_worker`): a full batch is handed over and the caller goes on
     projecting (and planning, and staging) the next rows while it is validated on another
     core; its failures come back from a later :meth:`add` or from :meth:`flush`, and
-    :attr:`validated` says up to which row the verdicts are in. Batches of at most
-    :data:`MAX_ROWS_IN_FLIGHT` rows together (one at least) wait for their verdict, so
-    memory stays bounded.
+    :attr:`validated` says up to which row the verdicts are in. At most
+    :data:`MAX_BATCHES_IN_FLIGHT` batches wait for their verdict, so memory stays bounded.
     Without it, each batch is validated in this process when it fills.
     """
 
@@ -1173,7 +1170,6 @@ class ContractSession:
                                      min_rows=spec.failure_min_rows,
                                      max_quarantined_rows=spec.max_quarantined_rows)
         self._batch = _Projection(spec, now)
-        self._keep = max(1, MAX_ROWS_IN_FLIGHT // spec.batch_rows)  # batches without a verdict
         self._batch_outside = False
         # Submitted, no verdict yet: (rows, what to do with the results), in order.
         self._in_flight: deque[tuple[int, Callable[[list[_Result]], list[Failure]]]] = deque()
@@ -1245,8 +1241,8 @@ class ContractSession:
             done += len(part)
             if len(self._batch) >= self.spec.batch_rows:
                 self._submit()
-                failures += self._collect(self._keep)
-        return failures + self._collect(self._keep)
+                failures += self._collect(MAX_BATCHES_IN_FLIGHT)
+        return failures + self._collect(MAX_BATCHES_IN_FLIGHT)
 
     def flush(self) -> list[Failure]:
         """Validates the rows projected so far and waits for every verdict."""
