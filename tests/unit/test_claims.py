@@ -298,22 +298,3 @@ def test_a_pinned_store_uses_one_connection_and_reconnects_after_losing_it(
                                                                      "b1": BATCH_DONE}
     with pytest.raises(AttributeError, match="begin\\(\\) and connect\\(\\) only"):
         lane.engine.dispose()
-
-
-def test_a_delivered_payload_is_gone_from_the_table(store: StateStore) -> None:
-    """Purged after delivery: the payload row is deleted. On SQLite the store deletes with
-    secure_delete=FAST (deleted content is zeroed on the pages a statement writes; pages it
-    frees are left until reused, as on Postgres), not with a build's SECURE_DELETE, which
-    wrote each freed page again as zeros."""
-    from leadsync.state import outbox_payloads
-
-    start(store, "r1", None)
-    stage(store, "r1", "b1", ["e1", "e2"], prev=None)
-    batch = store.claim_batch(DEST, "r1", "lane 0", HOUR)
-    assert batch is not None
-    store.record_outcomes(batch, {"e1": EventOutcome(DELIVERED), "e2": EventOutcome(DELIVERED)},
-                          "r1", holder="lane 0")
-    with store.engine.connect() as conn:
-        assert conn.execute(select(outbox_payloads.c.batch_id)).all() == []
-        if store.engine.dialect.name == "sqlite":
-            assert conn.exec_driver_sql("PRAGMA secure_delete").scalar() == 2  # FAST
