@@ -80,6 +80,9 @@ TARGET_RATIO = 10.0
 REPETITIONS = 3
 QUICK_EVENTS = 2_000
 DAG_CASES = "sqlite:200000,sqlite:1000000,postgres:1000000"
+# No-op runs of (d) per case, interleaved with as many more runs of the trivial DAG: a single
+# run of either moves by ±1.5 s from run to run, as much as the no-op's target allows.
+NOOP_RUNS = 3
 QUICK_E2E_ROWS = (5_000,)
 PROFILE_ROWS = 20_000
 SANDBOX_TOKEN = "sandbox-meta-token"  # noqa: S105 - the local emulator's fixed token
@@ -1055,7 +1058,9 @@ def main(args: argparse.Namespace) -> int:
 
         cases = ([("sqlite", QUICK_E2E_ROWS[0])] if quick
                  else bench_dag.parse_cases(getattr(args, "dag_cases", DAG_CASES)))
-        dag_results = bench_dag.run_all(cases, str(args.postgres_url))
+        dag_results = bench_dag.run_all(cases, str(args.postgres_url),
+                                        noop_runs=1 if quick else max(1, int(getattr(
+                                            args, "noop_runs", NOOP_RUNS))))
         ok = ok and all(c.correct for c in dag_results)
     print(f"total {time.perf_counter() - started:.0f} s; "
           f"{'all correctness checks passed' if ok else 'CORRECTNESS CHECKS FAILED'}")
@@ -1163,6 +1168,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dag-cases", default=DAG_CASES,
                         help="backend:rows cases for the real-DAG benchmark (d)")
     parser.add_argument("--skip-dag", action="store_true")
+    parser.add_argument("--noop-runs", type=int, default=NOOP_RUNS,
+                        help="no-op runs of (d) per case, each followed by a run of the trivial "
+                        "DAG; the figure is the median of the pairs' differences")
     parser.add_argument("--postgres-url", default=os.environ.get(
         "LEADSYNC_BENCH_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"),
         help="admin URL for scratch databases, or 'sqlite' for SQLite files")

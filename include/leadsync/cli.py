@@ -481,19 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_state)
 
     bench = sub.add_parser("bench", help="run the benchmarks")
-    bench.add_argument("--events", type=int, default=200_000,
-                       help="events for the build benchmark (a)")
-    bench.add_argument("--e2e-rows", default="100000,1000000",
-                       help="comma-separated row counts for the end-to-end benchmark (b)")
-    bench.add_argument("--skip-e2e", action="store_true")
-    bench.add_argument("--dag-cases", default="sqlite:200000,sqlite:1000000,postgres:1000000",
-                       help="backend:rows cases for the real-DAG benchmark (d), e.g. "
-                       "sqlite:200000")
-    bench.add_argument("--skip-dag", action="store_true")
-    bench.add_argument("--quick", action="store_true",
-                       help="small sizes (2,000 events, 5,000 rows): proves it runs")
-    bench.add_argument("--postgres-url", default=os.environ.get(
-        "LEADSYNC_BENCH_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"))
+    from leadsync.bench import add_arguments as bench_arguments
+
+    bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     return parser
 

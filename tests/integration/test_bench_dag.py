@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 def test_dag_benchmark_delivers_every_eligible_row_once_and_reports_its_phases() -> None:
     with bench_dag._Sink() as sink:
-        case = bench_dag.run_case("sqlite", 2_000, "unused-for-sqlite", sink)
+        case = bench_dag.run_case("sqlite", 2_000, "unused-for-sqlite", sink, noop_runs=2)
     assert case.correct, case.problems
     assert case.expected == case.delivered == case.sink_events == 2_000
     assert case.first is not None and case.noop is not None and case.fixed is not None
@@ -28,3 +28,10 @@ def test_dag_benchmark_delivers_every_eligible_row_once_and_reports_its_phases()
     assert case.first.worker.keys() >= {"suite", "run"}
     assert case.first.tree_rss_mb > case.first.peak_rss_mb
     assert not case.noop.worker  # no worker started for a window with nothing new
+    # Two no-op runs, each paired with a run of the trivial DAG after it: the figure is the
+    # median of the pairs' differences, and the reported run is one of the two.
+    assert len(case.noop_walls) == len(case.fixed_walls) == 2
+    extra, detail = bench_dag.noop_extra(case)
+    diffs = [n - f for n, f in zip(case.noop_walls, case.fixed_walls, strict=True)]
+    assert abs(extra - sum(diffs) / 2) < 1e-9 and "median of 2 pairs" in detail
+    assert case.noop.wall_s in case.noop_walls
