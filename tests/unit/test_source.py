@@ -427,3 +427,81 @@ def test_sqlite_reads_a_window_in_one_query_unless_paged(engine: Engine) -> None
     got, _ = read(Source(engine, QUERY, chunk_size=2), Window(None, FAR))
     paged, _ = read(Source(engine, QUERY, chunk_size=2, page_size=3), Window(None, FAR))
     assert got == paged and got
+
+
+# -- SQLite: the raw floor under a lower bound ------------------------------------------------
+
+_CENTER = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
+
+
+def _spelled(rng: random.Random, utc: datetime) -> Any:
+    """One way a warehouse may hold ``utc`` that SQLite's strftime reads (or something near)."""
+    offset = timedelta(minutes=rng.randint(-899, 899))  # ±14:59
+    local = utc + offset
+    sign = "+" if offset >= timedelta(0) else "-"
+    mins = abs(int(offset.total_seconds() // 60))
+    julian = utc.timestamp() / 86400 + 2440587.5
+    forms = [
+        utc.strftime("%Y-%m-%d %H:%M:%S"), utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        utc.strftime("%Y-%m-%d  %H:%M"), utc.strftime("%Y-%m-%d"),
+        local.strftime("%Y-%m-%d %H:%M:%S") + f"{sign}{mins // 60:02d}:{mins % 60:02d}",
+        local.strftime("%Y-%m-%dT%H:%M") + f"{sign}{mins // 60:02d}:{mins % 60:02d}",
+        julian, f"{julian:.6f}", f"+{julian:.6f}", f" {julian:.6f}", f"0{julian:.6f}",
+        int(utc.timestamp()), utc.strftime("%H:%M"), utc.strftime("%Y-%m-%dt%H:%M"),
+    ]
+    return rng.choice(forms)
+
+
+@pytest.mark.parametrize("declared", ["DATETIME", "TEXT", ""])
+def test_sqlite_floor_under_a_lower_bound_drops_no_row_of_the_window(
+        tmp_path: Path, declared: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every spelling SQLite reads as a time, in a column of NUMERIC, TEXT or no affinity,
+    indexed: a window with a lower bound yields exactly what it yields without the floor."""
+    from leadsync import source as source_module
+
+    rng = random.Random(9)
+    engine = make_engine(f"sqlite:///{tmp_path / 'w.db'}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE leads (lead_id TEXT, stage TEXT, event_time TEXT, "
+                             f"updated_at {declared}, email TEXT)")
+        conn.exec_driver_sql("CREATE INDEX ix_leads_updated ON leads (updated_at)")
+        values: list[Any] = [_spelled(rng, _CENTER + timedelta(minutes=rng.randint(-3000, 3000)))
+                             for _ in range(600)]
+        values += ["now", "1999-01-01 00:00", "abc", None, b"2026-06-15 12:00", "+2461013.5",
+                   " 2026-06-15 12:00", "2026-06-15 12:00:00.123456789"]
+        conn.exec_driver_sql(
+            "INSERT INTO leads VALUES (?, 'lead', '2026-06-01 00:00', ?, NULL)",
+            [(f"L{i:04d}", v) for i, v in enumerate(values)])
+    source = Source(engine, QUERY, chunk_size=50)
+
+    def ids(window: Window) -> list[Any]:
+        got: list[Any] = []
+        for item in source.stream(window):
+            got += [r["lead_id"] for r in item] if isinstance(item, list) else [repr(item)]
+        return got
+
+    lows = [_CENTER + timedelta(minutes=rng.randint(-3200, 3200)) for _ in range(25)]
+    for lo in lows:
+        for window in (Window(Cursor(lo, None, ""), FAR), Window(Cursor(lo, "L0300", "lead"),
+                                                                  FAR)):
+            floored = ids(window)
+            monkeypatch.setattr(source_module, "_SQLITE_FLOOR", "(1 = 1 OR :lo_day IS NULL)")
+            unfloored = ids(window)
+            monkeypatch.undo()
+            assert floored == unfloored, (declared, lo)
+    engine.dispose()
+
+
+def test_sqlite_floor_is_read_through_an_index_on_updated_at(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'w.db'}")
+    load(engine, [row(f"L{i}", "lead", i) for i in range(10)])
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE INDEX ix_leads_updated ON leads (updated_at)")
+    source = Source(engine, QUERY)
+    lo = Cursor(T0, None, "")
+    with engine.connect() as conn:
+        plan = " ".join(str(r[-1]) for r in conn.execute(
+            text("EXPLAIN QUERY PLAN " + source._sql(lo, False)),
+            source._params(Window(lo, FAR), lo, False)))
+    assert "ix_leads_updated" in plan, plan
+    engine.dispose()
