@@ -11,22 +11,21 @@ One DAG per destination in `include/leadsync.yaml` (dag_id `leadsync_<name>`). E
    consent, age window, match keys), identifiers hashed, and the rows that pass written to
    outbox batches held for this run (hashed only). Rows that break a rule go to quarantine
    with the rule's code, the counts per rule are in the log and the XCom, and the log says
-   where the Data Docs are. Only when the whole window passed are the held batches released;
-   if the window is broken (a missing column, a column of the wrong type, or more failing
-   rows than `contract.failure_threshold`), they are discarded, the task fails and nothing is
-   sent.
-3. **stage_events** hands push the batches to send (this run's and older leftovers), and
-   says how many lanes to start: one per pending batch, at most `push_lanes`.
-4. **push_lane** (mapped over those lanes: a bounded number of task instances whatever the
+   where the Data Docs are. Only when the whole window passed are the held batches released,
+   and the task hands push the batches to send (this run's and older leftovers) and says how
+   many lanes to start: one per pending batch, at most `push_lanes`. If the window is broken
+   (a missing column, a column of the wrong type, or more failing rows than
+   `contract.failure_threshold`), they are discarded, the task fails and nothing is sent.
+3. **push_lane** (mapped over those lanes: a bounded number of task instances whatever the
    backlog, and none when nothing is pending) drains the pending outbox batches, older
    leftovers first: each lane claims one batch at a time atomically (two lanes or workers
    never send one batch), sends it through one HTTP session and records each event's
    outcome in the ledger.
-5. **commit_watermark** moves the watermark past terminal rows only and frees the lease; after
+4. **commit_watermark** moves the watermark past terminal rows only and frees the lease; after
    a failed contract check it only frees the lease (the watermark stays). A run that ends
    green emits an Asset event `leadsync://<name>` with its counts in `extra`; alerts
    configured under `alerts:` go out when a condition starts or ends.
-6. **check_requests** (platforms that process asynchronously: Google Data Manager), alongside
+5. **check_requests** (platforms that process asynchronously: Google Data Manager), alongside
    the steps after open_run, looks up the processing status of requests sent by earlier runs
    and records per-batch outcome counts in the state store and the run's counts.
 
@@ -81,26 +80,27 @@ def build_dag(dest: DestinationConfig) -> DAG:
                 raise AirflowSkipException(str(exc)) from None
 
         @task
-        def check_contract(run: dict[str, Any]) -> dict[str, Any]:
+        def check_contract(run: dict[str, Any], **context: Any) -> list[int]:
             from airflow.sdk.exceptions import AirflowFailException
 
             from leadsync.quality import ContractViolation
             from leadsync.tasks import pipeline_for
 
+            pipeline = pipeline_for(dest.name)
             try:
-                return pipeline_for(dest.name).check(run["run_id"])
+                report = pipeline.check(run["run_id"])
             except ContractViolation as exc:
                 raise AirflowFailException(str(exc)) from None  # no retry: fix the source first
-
-        @task
-        def stage_events(run: dict[str, Any], **context: Any) -> list[int]:
-            from leadsync.tasks import pipeline_for
-
-            staged = pipeline_for(dest.name).stage(run["run_id"])
-            # The run's counts (identifiers left out of the events included) under "counts";
-            # the lanes to push in are what push_lane maps over.
-            context["ti"].xcom_push(key="counts", value=staged["counts"])
-            context["ti"].xcom_push(key="batches", value=len(staged["batch_ids"]))
+            # Handing push its batches is part of this task, not one of its own: a task
+            # instance costs a process start and scheduling round trips on every run.
+            staged = pipeline.stage(run["run_id"])
+            # The contract's report under "contract", the run's counts (identifiers left out
+            # of the events included) under "counts"; the lanes to push in are the return
+            # value, which push_lane maps over.
+            ti = context["ti"]
+            ti.xcom_push(key="contract", value=report)
+            ti.xcom_push(key="counts", value=staged["counts"])
+            ti.xcom_push(key="batches", value=len(staged["batch_ids"]))
             return staged["lanes"]
 
         @task(retries=3)
@@ -145,9 +145,7 @@ def build_dag(dest: DestinationConfig) -> DAG:
             return summary
 
         run = open_run()
-        checked = check_contract(run)  # type: ignore[arg-type]  # XComArg resolves at runtime
-        batches = stage_events(run)  # type: ignore[arg-type]
-        checked >> batches
+        batches = check_contract(run)  # type: ignore[arg-type]  # XComArg resolves at runtime
         # One lane per pending batch, at most push_lanes; none (and no task process) when
         # nothing is pending.
         lanes = push_lane.expand(lane=batches)

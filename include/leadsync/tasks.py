@@ -30,7 +30,7 @@ def pipeline_for(destination: str) -> Pipeline:
 
 
 def failed_tasks(ti: Any) -> list[str] | None:
-    """The tasks of ``ti``'s DAG run that failed (``push_lane_1``, ``stage_events``), as
+    """The tasks of ``ti``'s DAG run that failed (``push_lane_1``, ``check_contract``), as
     Airflow's execution API reports them; ``None`` when it cannot say."""
     try:
         states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id]).get(ti.run_id, {})

@@ -204,7 +204,7 @@ def _overheads(live: Live, run: dict[str, Any]) -> tuple[list[float], float]:
         end = _parse(t["end_date"])
         assert end
         ends[t["task_id"]] = max(ends.get(t["task_id"], end), end)
-    upstream = {"check_contract": ["open_run"], "stage_events": ["open_run"],
+    upstream = {"check_contract": ["open_run"],
                 "commit_watermark": [t["task_id"] for t in tis
                                      if t["task_id"].startswith("push")]}
     run_start = _parse(run["start_date"])
@@ -215,10 +215,8 @@ def _overheads(live: Live, run: dict[str, Any]) -> tuple[list[float], float]:
         start = _parse(t["start_date"])
         assert start
         ups = upstream.get(t["task_id"])
-        if t["task_id"] == "stage_events":
-            ups = ["open_run", "check_contract"]
-        elif t["task_id"].startswith("push"):
-            ups = ["stage_events"]
+        if t["task_id"].startswith("push"):
+            ups = ["check_contract"]
         ready = max((ends[u] for u in ups or [] if u in ends), default=run_start)
         gaps.append((start - ready).total_seconds())
     spans = sorted((_parse(t["start_date"]), _parse(t["end_date"])) for t in tis)

@@ -99,7 +99,7 @@ def test_bad_rows_are_quarantined_the_rest_sent_and_a_fixed_row_follows(
     dr = backend.run_dag()
     assert _dag_state(dr) == "success"
 
-    report = _xcom(home, dr.run_id, "check_contract")
+    report = _xcom(home, dr.run_id, "check_contract", "contract")
     assert report["passed"] and report["rows"] == seeded
     for rule in ("future_event_time", "bad_currency", "no_match_keys", "duplicate_lead_stage"):
         assert report["quarantined"][rule] >= 2
@@ -126,7 +126,7 @@ def test_bad_rows_are_quarantined_the_rest_sent_and_a_fixed_row_follows(
     counts = _run_counts(backend, dr.run_id)["counts"]
     assert counts["identifiers_dropped.email.bad_email"] == \
         report["identifiers_dropped"]["email.bad_email"]
-    staged = _xcom(home, dr.run_id, "stage_events", "counts")
+    staged = _xcom(home, dr.run_id, "check_contract", "counts")
     assert staged["identifiers_dropped.email.bad_email"] == \
         report["identifiers_dropped"]["email.bad_email"]
     assert counts["checked"] == counts["read"] == seeded
@@ -176,7 +176,7 @@ def test_breaker_stops_a_window_missing_a_column(
     assert _dag_state(dr) == "failed"
     states = _task_states(home, dr.run_id)
     assert states["check_contract"] == "failed"
-    assert states["stage_events"] == "upstream_failed"
+    assert states["push_lane"] == "upstream_failed"
     assert states["commit_watermark"] == "failed"  # red: the run sent nothing
 
     out, err = capfd.readouterr()

@@ -129,8 +129,9 @@ def _task(fn: Callable[[], T], retries: int) -> T:
 
 
 def run_like_the_dag(world: World, run_id: str) -> str:
-    """One DAG run: open_run → check_contract → stage_events → push_lane (mapped over the
-    lanes stage_events names, run one after the other here) → commit_watermark (all_done)."""
+    """One DAG run: open_run → check_contract (checks and stages the window, then names the
+    lanes) → push_lane (mapped over those lanes, run one after the other here) →
+    commit_watermark (all_done)."""
     try:
         return _run_like_the_dag(world, run_id)
     finally:
@@ -144,9 +145,13 @@ def _run_like_the_dag(world: World, run_id: str) -> str:
     except LeaseBusyError:
         return "skipped"
     pushed_ok = True
+
+    def check_contract() -> dict[str, Any]:
+        pipeline.check(run_id)
+        return pipeline.stage(run_id)
+
     try:
-        _task(lambda: pipeline.check(run_id), retries=2)
-        staged = _task(lambda: pipeline.stage(run_id), retries=2)
+        staged = _task(check_contract, retries=2)
     except Exception:  # noqa: BLE001 - the task failed for good; downstream is upstream_failed
         staged = None
         pushed_ok = False

@@ -22,7 +22,7 @@ class _TI:
 
 
 def test_failed_tasks_lists_only_the_failed_ones() -> None:
-    ti = _TI({"stage_events": "success", "push_lane_0": "success", "push_lane_1": "failed",
+    ti = _TI({"check_contract": "success", "push_lane_0": "success", "push_lane_1": "failed",
               "commit_watermark": "running", "check_requests": "upstream_failed"})
     assert failed_tasks(ti) == ["push_lane_1"]
     assert failed_tasks(_TI(RuntimeError("no supervisor"))) is None
