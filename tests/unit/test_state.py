@@ -528,6 +528,37 @@ def test_stage_batch_writes_outbox_and_pending_ledger(store: StateStore) -> None
     assert batch.events == [envelope("e1"), envelope("e2"), envelope("e3")]
 
 
+# Text that COPY's text format must escape (Postgres writes new ledger rows through COPY),
+# beside text that looks like its escapes and NULL marker.
+AWKWARD = ["tab\there", "new\nline", "carriage\rreturn", "back\\slash", "\\N", "\\t", "\\",
+           "ends with \\", "émoji 🎯 ünïcode", "quote ' and \" both", "", " spaced ", "a,b;c|d"]
+
+
+def test_ledger_rows_keep_every_character_of_their_text(store: StateStore) -> None:
+    start(store, "r\t1\\x", None)
+    ids = [f"ev{i}-{text}" for i, text in enumerate(AWKWARD)]
+    records = [LedgerRecord(event_id, text, text or "s", text or None, PENDING,
+                            T0 + timedelta(seconds=i), None if i % 2 else T0,
+                            reason=text or None, detail=text or None)
+               for i, (event_id, text) in enumerate(zip(ids, AWKWARD, strict=True))]
+    store.stage_batch(DEST, "r\t1\\x", "b\\1", 1, [envelope(i) for i in ids], records, None)
+    rows = ledger_by_id(store)
+    assert set(rows) == set(ids)
+    for i, (event_id, text) in enumerate(zip(ids, AWKWARD, strict=True)):
+        row = rows[event_id]
+        assert (row["lead_id"], row["stage"], row["event_name"], row["reason"],
+                row["detail"]) == (text, text or "s", text or None, text or None, text or None)
+        assert (row["batch_id"], row["run_id"], row["status"]) == ("b\\1", "r\t1\\x", PENDING)
+        assert row["source_ts"] == T0 + timedelta(seconds=i)
+        assert row["event_time"] == (None if i % 2 else T0)
+    # A column without any character to escape, and records of no batch of their own.
+    plain = [record(f"p{i}", status=SKIPPED, reason="opted_out") for i in range(3)]
+    store.record_terminal(DEST, "r2", plain)
+    assert {k: (v["status"], v["reason"], v["batch_id"], v["lead_id"])
+            for k, v in ledger_by_id(store).items() if k.startswith("p")} == {
+        f"p{i}": (SKIPPED, "opted_out", None, f"lead-p{i}") for i in range(3)}
+
+
 def test_stage_batch_is_atomic(store: StateStore) -> None:
     """A failure writing the ledger leaves no outbox batch behind (and vice versa)."""
     bad = LedgerRecord("e2", "lead-e2", "qualified", "MQL", PENDING,
