@@ -166,6 +166,23 @@ def test_each_rule_fails_its_row(verdicts: dict[int, Any], index: int) -> None:
     assert failure.detail and failure.position == index
 
 
+def test_batches_failing_other_rules_or_none_each_name_exactly_their_rows() -> None:
+    # GX validates a batch for its counts first, then again only with the expectations some
+    # row failed, which name the rows: the sets differ from batch to batch (and are kept).
+    breaks: dict[int, tuple[str, dict[str, Any]]] = {
+        7: ("bad_value", {"value": -1}),
+        130: ("unknown_stage", {"stage": "lost"}), 170: ("bad_value", {"value": "abc"}),
+        301: ("unknown_stage", {"stage": "Won"}), 320: ("bad_currency", {"currency": "US$"}),
+        399: ("bad_value", {"value": -2}),
+        405: ("bad_value", {"value": -3}),
+    }
+    rows = [good(f"B-{i}", **breaks[i][1]) if i in breaks else good(f"B-{i}")
+            for i in range(450)]  # batches of 100: the third has no failing row
+    verdicts = check_rows(rows, make_config(batch_rows=100), DEST, NOW)
+    got = {i: v.rule for i, v in enumerate(verdicts) if v is not None}
+    assert got == {i: rule for i, (rule, _) in breaks.items()}
+
+
 @pytest.mark.parametrize("index", range(len(PASSING)), ids=[name for name, _ in PASSING])
 def test_bent_rows_pass(verdicts: dict[int, Any], index: int) -> None:
     assert verdicts[len(FAILING) + index] is None
