@@ -13,7 +13,8 @@ How it runs (one run of one destination, :class:`ContractSession`):
 2. **Rows**, streamed: rows are projected, as they arrive, onto the few columns the rules look
    at (timestamps parsed, blanks as nulls, each identifier the destination sends judged usable
    or not by its own normalisation, usable match keys counted; no raw identifier is kept) and
-   validated by GX in batches of ``contract.batch_rows``, so memory stays flat. GX's
+   validated by GX in batches of ``contract.batch_rows``, so memory stays flat. A batch is
+   validated for its counts, then again with only the expectations some row failed, whose
    ``unexpected_index_list`` names the failing rows; a row's reason is the first rule it
    breaks, in the order of :data:`RULES`. Identifier rules (``bad_email``, ``bad_phone``,
    ``bad_country``) are expectations of severity ``warning``: an unusable identifier is left
