@@ -35,7 +35,7 @@ from airflow.sdk import BaseNotifier
 from sqlalchemy import func, select
 
 from leadsync.config import AlertsConfig, Config, NotifierConfig
-from leadsync.state import FAILED, StateStore, ledger
+from leadsync.state import FAILED, FAILED_REASONS, StateStore, ledger
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,9 @@ def _dead_letter_reasons(store: StateStore, destination: str, run_id: str) -> di
         rows = conn.execute(
             select(ledger.c.reason, func.count()).where(
                 ledger.c.destination == destination, ledger.c.run_id == run_id,
-                ledger.c.status == FAILED).group_by(ledger.c.reason))
+                ledger.c.status == FAILED,
+                ledger.c.reason.in_(FAILED_REASONS),  # the index of dead letters (Postgres)
+            ).group_by(ledger.c.reason))
         return {str(reason or "unknown"): int(n) for reason, n in rows}
 
 

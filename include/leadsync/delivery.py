@@ -32,12 +32,13 @@ from leadsync.destinations.base import Destination, FatalDestinationError, Resul
 from leadsync.destinations.http import HttpClient, TransportError
 from leadsync.redact import clean_message
 from leadsync.state import DELIVERED, EXPIRED, FAILED, PENDING, EventOutcome
+from leadsync.state.model import ACK_MISMATCH, RECEIPT, REJECTED
 
 log = logging.getLogger(__name__)
 
 #: Ledger reason of an event delivered in a request the platform processes later; the
 #: ledger detail holds the platform's request id (see :mod:`leadsync.request_status`).
-RECEIPT_REASON = "receipt"
+RECEIPT_REASON = RECEIPT
 #: Ledger reason of an event the platform already had (delivered by an earlier request).
 DUPLICATE_REASON = "duplicate"
 #: Ledger reason of a pending event the platform asked to send again later.
@@ -137,7 +138,7 @@ class BatchSender:
                 # G6: never claim delivery the platform did not acknowledge.
                 detail = f"platform acknowledged {received} of {len(rest)} events"
                 for env in rest:
-                    report.outcomes[env["event_id"]] = EventOutcome(FAILED, "ack_mismatch",
+                    report.outcomes[env["event_id"]] = EventOutcome(FAILED, ACK_MISMATCH,
                                                                      detail)
             return
         # PERMANENT: isolate the bad events, then deliver the rest once.
@@ -146,7 +147,7 @@ class BatchSender:
             return
         if len(group) == 1:
             report.outcomes[group[0]["event_id"]] = EventOutcome(
-                FAILED, "rejected", _clip(result.message))
+                FAILED, REJECTED, _clip(result.message))
             return
         mid = len(group) // 2
         self._send_group(group[:mid], report)
@@ -159,7 +160,7 @@ class BatchSender:
         settled: set[int] = set()
         for i, message in result.event_errors.items():
             if 0 <= i < n:
-                report.outcomes[group[i]["event_id"]] = EventOutcome(FAILED, "rejected",
+                report.outcomes[group[i]["event_id"]] = EventOutcome(FAILED, REJECTED,
                                                                      _clip(message))
                 settled.add(i)
         for i in result.event_duplicates:

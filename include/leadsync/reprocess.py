@@ -30,7 +30,7 @@ from leadsync import quality
 from leadsync.pipeline import Pipeline, Planned, Planner, Rejected, batch_size
 from leadsync.redact import clean_error
 from leadsync.source import SourceError, to_utc
-from leadsync.state import FAILED, PENDING, Cursor, LedgerRecord, ledger
+from leadsync.state import FAILED, FAILED_REASONS, PENDING, Cursor, LedgerRecord, ledger
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ class Reprocessor:
 
     def _failed_keys(self, req: ReprocessRequest) -> list[tuple[str, str]]:
         query = select(ledger.c.lead_id, ledger.c.stage, ledger.c.event_time).where(
-            ledger.c.destination == self.dest.name, ledger.c.status == FAILED
+            ledger.c.destination == self.dest.name, ledger.c.status == FAILED,
+            ledger.c.reason.in_(FAILED_REASONS),  # the index of dead letters (Postgres)
         )
         keys = []
         wanted = set(req.lead_ids)

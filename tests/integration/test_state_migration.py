@@ -48,7 +48,14 @@ def rewind_to_v5(engine: Engine) -> None:
         conn.execute(text("UPDATE ls_outbox SET payload = (SELECT p.payload FROM "
                           "ls_outbox_payload p WHERE p.batch_id = ls_outbox.batch_id)"))
         conn.execute(text("DROP TABLE ls_outbox_payload"))
-        conn.execute(text("DROP INDEX ix_ls_ledger_reason"))
+        if engine.dialect.name == "postgresql":  # migrations 7 and 9: the status index
+            for name in ("ix_ls_ledger_batch", "ix_ls_ledger_run", "ix_ls_ledger_failed",
+                         "ix_ls_ledger_receipt", "ix_ls_ledger_status"):
+                conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
+            conn.execute(text("CREATE INDEX ix_ls_ledger_status ON ls_ledger "
+                              "(destination, status)"))
+            conn.execute(text("ALTER TABLE ls_ledger RESET (fillfactor)"))
+        conn.execute(text("DROP INDEX IF EXISTS ix_ls_ledger_reason"))
         conn.execute(text("CREATE INDEX ix_ls_ledger_reason "
                           "ON ls_ledger (destination, reason, updated_at)"))
         conn.execute(text("DELETE FROM ls_schema_version WHERE version >= :v"),
@@ -110,7 +117,13 @@ def test_an_old_outbox_migrates_and_its_pending_batch_is_sent_once(
         moved = dict(conn.execute(select(outbox_payloads.c.batch_id,
                                          outbox_payloads.c.payload)).all())
     assert moved == {b: old[b] for b in batch_ids[1:]}  # the same text, done batches left out
-    assert "reason is not null" in reason_index_sql(engine).lower()
+    if engine.dialect.name == "postgresql":  # migration 9 replaced it
+        assert reason_index_sql(engine) == "None"
+        assert {i["name"] for i in inspect(engine).get_indexes("ls_ledger")} == {
+            "ix_ls_ledger_batch", "ix_ls_ledger_run", "ix_ls_ledger_failed",
+            "ix_ls_ledger_receipt"}
+    else:
+        assert "reason is not null" in reason_index_sql(engine).lower()
     for b, ids in pending.items():
         again = upgraded.load_batch(b)
         assert again is not None and [e["event_id"] for e in again.events] == ids

@@ -244,7 +244,7 @@ def test_outcomes_of_large_and_small_groups_together(store: StateStore) -> None:
     stage(store, "r1", "b1", ids, prev=None)
     batch = store.claim_batch(DEST, "r1", "lane 0", HOUR)
     assert batch is not None
-    limited = EventOutcome(FAILED, "rate_limited", "same detail")
+    limited = EventOutcome(FAILED, "ack_mismatch", "same detail")
     outcomes: dict[str, EventOutcome] = {}
     for i, e in enumerate(ids):
         if i < 50 or e in odd[:3]:

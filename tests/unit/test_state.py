@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import re
@@ -43,6 +44,8 @@ from leadsync.state import (
     quarantine,
     schema_version,
 )
+from leadsync.state.model import utcnow
+from leadsync.state.outcomes import _write_outcomes
 
 DEST = "meta"
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -123,33 +126,58 @@ def test_migrate_creates_every_table_and_records_the_version(store: StateStore) 
 
 
 @pytest.mark.postgres
-def test_the_status_index_leaves_delivered_events_out_on_postgres(pg_empty_url: str) -> None:
-    """Migration 7 turns a status index of every event (as migration 1 made it) into one of
-    the events not delivered; a database made at once gets the same."""
+def test_postgres_ledger_indexes_leave_the_columns_a_delivery_changes_alone(
+        pg_empty_url: str) -> None:
+    """Migration 9 replaces the ledger's indexes on status and reason (migrations 2 and 7) by
+    indexes on columns a delivery does not change, and leaves room on its pages, so that
+    recording a delivery rewrites each row in place (HOT): from a version-8 database with
+    events pending, and in a database made at once."""
     from sqlalchemy import delete, text
 
-    def definition(engine: Engine) -> str:
+    def indexes(engine: Engine) -> dict[str, str]:
         with engine.connect() as conn:
-            return str(conn.execute(text(
-                "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_ls_ledger_status'"
-            )).scalar())
+            return {str(n): str(d) for n, d in conn.execute(text(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'ls_ledger'"))}
 
+    expected = {"ls_ledger_pkey", "ix_ls_ledger_batch", "ix_ls_ledger_run",
+                "ix_ls_ledger_failed", "ix_ls_ledger_receipt"}
     engine = make_engine(pg_empty_url)
     try:
         store = StateStore(engine)
         store.migrate()
-        assert definition(engine).endswith("WHERE ((status)::text <> 'delivered'::text)")
-        with engine.begin() as conn:  # back to version 6, with its index
-            conn.exec_driver_sql("DROP INDEX ix_ls_ledger_status")
+        assert set(indexes(engine)) == expected
+        with engine.begin() as conn:  # back to version 8, with its indexes
+            for name in expected - {"ls_ledger_pkey"}:
+                conn.exec_driver_sql(f"DROP INDEX {name}")
+            conn.exec_driver_sql("ALTER TABLE ls_ledger RESET (fillfactor)")
             conn.exec_driver_sql("CREATE INDEX ix_ls_ledger_status ON ls_ledger "
-                                 "(destination, status)")
-            conn.execute(delete(schema_version).where(schema_version.c.version == 7))
-        assert "WHERE" not in definition(engine)
+                                 "(destination, status) WHERE status <> 'delivered'")
+            conn.exec_driver_sql("CREATE INDEX ix_ls_ledger_reason ON ls_ledger "
+                                 "(destination, reason, updated_at) WHERE reason IS NOT NULL")
+            conn.execute(delete(schema_version).where(schema_version.c.version == 9))
         start(store, "r1", cur(1))
-        stage(store, "r1", "b1", ["e1", "e2"], prev=cur(0))
+        stage(store, "r1", "b1", ["e1", "e2", "e3"], prev=cur(0))
         assert StateStore(engine).migrate() == SCHEMA_VERSION
-        assert definition(engine).endswith("WHERE ((status)::text <> 'delivered'::text)")
-        assert store.pending_batch_ids(DEST) == ["b1"]
+        found = indexes(engine)
+        assert set(found) == expected
+        assert "rejected" in found["ix_ls_ledger_failed"]
+        assert "'receipt'" in found["ix_ls_ledger_receipt"]
+        with engine.connect() as conn:
+            assert conn.execute(text(
+                "SELECT reloptions FROM pg_class WHERE relname = 'ls_ledger'")).scalar() == [
+                    "fillfactor=50"]
+        # Rows staged before the migration were written full; rows staged now have room.
+        stage(store, "r1", "b2", ["e4", "e5", "e6"], prev=cur(0))
+        with engine.connect() as conn, conn.begin():
+            _write_outcomes(conn, DEST, {e: EventOutcome(DELIVERED) for e in ("e4", "e5", "e6")},
+                            utcnow(), "b2")
+            upd, hot = conn.execute(text(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables "
+                "WHERE relname = 'ls_ledger'")).one()
+        assert (upd, hot) == (3, 3)
+        assert {r["event_id"]: r["status"] for r in store.ledger_rows(DEST)} == {
+            "e1": PENDING, "e2": PENDING, "e3": PENDING,
+            "e4": DELIVERED, "e5": DELIVERED, "e6": DELIVERED}
     finally:
         engine.dispose()
 
@@ -165,14 +193,15 @@ def test_the_ledger_has_no_index_by_lead(engine: Engine) -> None:
     store = StateStore(engine)
     store.migrate()
     assert "ix_ls_ledger_lead" not in indexes()
-    assert "ix_ls_ledger_status" in indexes()
+    # SQLite keeps its status index; Postgres replaces it (migration 9).
+    assert ("ix_ls_ledger_status" in indexes()) == (engine.dialect.name == "sqlite")
     start(store, "r1", cur(1))
     stage(store, "r1", "b1", ["e1", "e2"], prev=cur(0))
     with engine.begin() as conn:  # back to version 7, with its index
         conn.exec_driver_sql("CREATE INDEX ix_ls_ledger_lead ON ls_ledger (destination, lead_id)")
         conn.execute(delete(schema_version).where(schema_version.c.version == 8))
     assert "ix_ls_ledger_lead" in indexes()
-    assert StateStore(engine).migrate() == SCHEMA_VERSION == 8
+    assert StateStore(engine).migrate() == SCHEMA_VERSION
     assert "ix_ls_ledger_lead" not in indexes()
     assert store.pending_batch_ids(DEST) == ["b1"]
     assert set(store.ledger_lookup(DEST, ["e1", "e2"])) == {"e1", "e2"}
@@ -929,3 +958,145 @@ def test_vacuum_reclaims_delivered_rows_when_autovacuum_does_not(url: str,
     assert store.ledger_lookup(DEST, ids)["e7"].status == DELIVERED
     # Below the threshold (50 + 20 % of the live rows): nothing to do.
     assert store.vacuum_dead() == []
+
+
+def test_a_failed_outcome_names_a_failure_reason() -> None:
+    """Dead letters are found by their reasons (the Postgres ledger has no status index): an
+    outcome that fails with another reason is refused where it is made."""
+    assert EventOutcome(FAILED, "rejected", "bad value").reason == "rejected"
+    with pytest.raises(ValueError, match="rate_limited"):
+        EventOutcome(FAILED, "rate_limited", "too many")
+    assert EventOutcome(DELIVERED, "duplicate").status == DELIVERED  # other statuses: any
+
+
+def test_an_outcome_reaches_an_event_whose_row_a_later_batch_took_over(store: StateStore,
+                                                                        ) -> None:
+    """A batch's outcomes are written through its rows (batch_id). An event of the batch whose
+    ledger row names another batch (reprocessing staged it again) still gets its outcome,
+    once: the others are not counted twice."""
+    from sqlalchemy import update
+
+    from leadsync.state import ledger
+
+    start(store, "r1", cur(1))
+    ids = [f"e{i:02d}" for i in range(30)]
+    stage(store, "r1", "b1", ids, prev=cur(0))
+    with store.engine.begin() as conn:
+        conn.execute(update(ledger).where(ledger.c.event_id.in_(["e03", "e17"]))
+                     .values(batch_id="b9"))
+    batch = store.claim_batch(DEST, "r1", "lane 0", TTL)
+    assert batch is not None
+    store.record_outcomes(batch, {e: EventOutcome(DELIVERED) for e in ids}, "r1",
+                          holder="lane 0")
+    rows = ledger_by_id(store)
+    assert {e: (rows[e]["status"], rows[e]["attempts"]) for e in ids} == {
+        e: (DELIVERED, 1) for e in ids}
+
+
+@pytest.mark.postgres
+def test_every_ledger_lookup_has_an_index_on_postgres(pg_empty_url: str) -> None:
+    """What the ledger's status and reason indexes served is served by indexes on columns a
+    delivery leaves alone (migration 9): every statement that reads or changes ledger rows on
+    these paths finds them through an index, never by scanning the ledger (EXPLAIN with
+    sequential scans priced out: a query no index can serve still scans)."""
+    from sqlalchemy import event, update
+
+    from leadsync.alerts import _dead_letter_reasons
+    from leadsync.monitor.status import dead_letters
+    from leadsync.reprocess import Reprocessor, ReprocessRequest
+    from leadsync.state import ledger
+
+    engine = make_engine(pg_empty_url)
+    seen: list[tuple[str, Any]] = []
+
+    def keep(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if "ls_ledger" in statement and not statement.lstrip().upper().startswith("INSERT"):
+            seen.append((statement, parameters))
+
+    try:
+        store = StateStore(engine)
+        store.migrate()
+        for n in range(4):  # a ledger of several runs and batches
+            start(store, f"r{n}", cur(n + 1))
+            stage(store, f"r{n}", f"b{n}", [f"e{n}{i:02d}" for i in range(30)], prev=cur(n))
+            if n < 3:  # delivered a day ago, with a receipt each
+                claimed = store.claim_batch(DEST, f"r{n}", "lane 0", TTL)
+                assert claimed is not None
+                store.record_outcomes(claimed, {e["event_id"]: EventOutcome(
+                    DELIVERED, "receipt", f"req-{n}") for e in claimed.events}, f"r{n}",
+                    holder="lane 0")
+        with engine.begin() as conn:
+            day_ago = utcnow() - timedelta(days=1)
+            for table in (ledger, outbox):
+                conn.execute(update(table).where(table.c.batch_id != "b3")
+                             .values(updated_at=day_ago))
+        store.analyze()  # as the pipeline keeps them: statistics current
+        event.listen(engine, "before_cursor_execute", keep)
+        batch = store.claim_batch(DEST, "r3", "lane 0", TTL)
+        assert batch is not None
+        outcomes = {f"e3{i:02d}": EventOutcome(DELIVERED, "receipt", "req-3") for i in range(25)}
+        outcomes["e325"] = EventOutcome(FAILED, "rejected", "bad value")
+        store.record_outcomes(batch, outcomes, "r3", holder="lane 0")
+        event.remove(engine, "before_cursor_execute", keep)
+        # The first registration reads every receipt (through their own index), once.
+        assert store.collect_receipts(DEST, "receipt") == 4
+        event.listen(engine, "before_cursor_execute", keep)
+        assert store.collect_receipts(DEST, "receipt") == 0  # since the newest known one
+        assert store.record_request_status(
+            DEST, "req-3", status="FAILED", done=True, next_check_at=utcnow(),
+            failed_event_names=["Marketing Qualified Lead"], receipt_reason="receipt") == 25
+        assert store.take_back_unsent(DEST, "r3") == 0
+        store.discard_held(DEST, "r3")
+        assert len(dead_letters(store, DEST)) == 26
+        assert _dead_letter_reasons(store, DEST, "r3") == {"rejected": 1, "request_failed": 25}
+        reprocessor = Reprocessor.__new__(Reprocessor)
+        reprocessor.dest, reprocessor.state = type("D", (), {"name": DEST})(), store
+        assert len(reprocessor._failed_keys(ReprocessRequest(mode="failed"))) == 26
+        event.remove(engine, "before_cursor_execute", keep)
+        kinds = {s.split()[0].upper() for s, _ in seen}
+        assert {"SELECT", "UPDATE", "DELETE"} <= kinds, kinds
+        raw = engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute("SET enable_seqscan = off")
+            for statement, parameters in seen:
+                cursor.execute("EXPLAIN (FORMAT JSON) " + statement, parameters)
+                scans = list(_ledger_scans(cursor.fetchone()[0][0]["Plan"]))
+                assert scans, statement
+                for index, cond in scans:
+                    assert _narrow(index, cond), (statement, index, cond)
+            raw.rollback()
+        finally:
+            raw.close()
+    finally:
+        engine.dispose()
+
+
+def _ledger_scans(node: dict[str, Any]) -> Iterator[tuple[str | None, str]]:
+    """(index, its condition) of each scan of ls_ledger in an EXPLAIN (FORMAT JSON) plan; a
+    scan without an index gives (None, "")."""
+    kind = node.get("Node Type", "")
+    index = node.get("Index Name")
+    if kind == "BitmapAnd":  # the rows all of its indexes give: as narrow as the narrowest
+        parts = list(itertools.chain.from_iterable(
+            _ledger_scans(child) for child in node.get("Plans", [])))
+        narrow = [p for p in parts if _narrow(*p)]
+        yield (narrow or parts)[0]
+        return
+    if (node.get("Relation Name") == "ls_ledger"
+            and kind not in ("ModifyTable", "Bitmap Heap Scan")):
+        yield (index, node.get("Index Cond", "")) if index else (None, "")
+    elif kind == "Bitmap Index Scan" and str(index).startswith(("ix_ls_ledger", "ls_ledger")):
+        yield index, node.get("Index Cond", "")
+    for child in node.get("Plans", []):
+        yield from _ledger_scans(child)
+
+
+def _narrow(index: str | None, cond: str) -> bool:
+    """Whether an index scan of the ledger reads a few rows, not a destination's whole ledger:
+    entered by batch, run, event or request id, or the index of dead letters (only those)."""
+    if index == "ix_ls_ledger_failed":
+        return True
+    return index is not None and any(  # equal to a value, or to one of a few
+        re.search(rf"\b{column}\)?(::text)? = ", cond)
+        for column in ("batch_id", "run_id", "event_id", "detail"))

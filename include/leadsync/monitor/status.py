@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from leadsync.state import (
     BATCH_PENDING,
     FAILED,
+    FAILED_REASONS,
     StateStore,
     ledger,
     outbox,
@@ -125,7 +126,9 @@ def dead_letters(store: StateStore, destination: str, run_id: str | None = None,
     query = select(ledger.c.lead_id, ledger.c.stage, ledger.c.event_name, ledger.c.reason,
                    ledger.c.detail, ledger.c.run_id, ledger.c.attempts,
                    ledger.c.updated_at).where(ledger.c.destination == destination,
-                                              ledger.c.status == FAILED)
+                                              ledger.c.status == FAILED,
+                                              # the index of dead letters (Postgres)
+                                              ledger.c.reason.in_(FAILED_REASONS))
     if run_id:
         query = query.where(ledger.c.run_id == run_id)
     with store.engine.connect() as conn:

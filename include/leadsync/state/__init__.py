@@ -33,6 +33,7 @@ from leadsync.state.model import (
     DELIVERED,
     EXPIRED,
     FAILED,
+    FAILED_REASONS,
     PENDING,
     REEVALUATE,
     SKIPPED,
@@ -74,8 +75,9 @@ from leadsync.state.schema import (
 )
 
 __all__ = [
-    "BATCH_DONE", "BATCH_HELD", "BATCH_PENDING", "DELIVERED", "EXPIRED", "FAILED", "MIGRATIONS",
-    "PENDING", "REEVALUATE", "REQUEST_SENT", "SCHEMA_VERSION", "SKIPPED", "TERMINAL", "Batch",
+    "BATCH_DONE", "BATCH_HELD", "BATCH_PENDING", "DELIVERED", "EXPIRED", "FAILED",
+    "FAILED_REASONS", "MIGRATIONS", "PENDING", "REEVALUATE", "REQUEST_SENT", "SCHEMA_VERSION",
+    "SKIPPED", "TERMINAL", "Batch",
     "Cursor", "EventOutcome", "LeaseBusyError", "LedgerEntry", "LedgerRecord", "QuarantineRecord",
     "StagedBatch", "StateStore", "UTCDateTime", "alert_states", "json_lead_id", "leases",
     "ledger", "metadata", "outbox", "outbox_payloads", "platform_requests", "quarantine",

@@ -24,6 +24,17 @@ TERMINAL = frozenset({DELIVERED, FAILED, EXPIRED, SKIPPED})
 # Skipped/expired events are looked at again when the source row changes (its cursor moves).
 REEVALUATE = frozenset({EXPIRED, SKIPPED})
 
+# A failed event's ledger reason is one of these. On Postgres, dead letters are found through
+# them (ix_ls_ledger_failed, see schema._migration_hot_ledger): the ledger keeps no index on
+# its status, so that a delivery rewrites its row in place. A new kind of failure adds its
+# reason here; EventOutcome refuses any other.
+REJECTED = "rejected"  # the platform refused the event
+ACK_MISMATCH = "ack_mismatch"  # the platform acknowledged fewer events than were sent
+REQUEST_FAILED = "request_failed"  # an accepted request whose processing failed later
+FAILED_REASONS = (REJECTED, ACK_MISMATCH, REQUEST_FAILED)
+# A delivered event that carries the platform's request id (detail) to look up later.
+RECEIPT = "receipt"
+
 BATCH_PENDING = "pending"
 BATCH_DONE = "done"
 # Staged by a run whose data contract has not passed yet: never pushed. Released (pending)
@@ -123,6 +134,11 @@ class EventOutcome:
     status: str  # DELIVERED, FAILED, EXPIRED or PENDING (retry later)
     reason: str | None = None
     detail: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.status == FAILED and self.reason not in FAILED_REASONS:
+            raise ValueError(f"a failed event's reason is one of {FAILED_REASONS}, "
+                             f"not {self.reason!r}")
 
 
 @dataclass(frozen=True)

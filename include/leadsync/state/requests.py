@@ -9,8 +9,8 @@ from typing import Any
 
 from sqlalchemy import func, insert, or_, select, update
 
-from leadsync.state.model import DELIVERED, FAILED, StorePart, utcnow
-from leadsync.state.schema import REQUEST_SENT, ledger, platform_requests
+from leadsync.state.model import DELIVERED, FAILED, REQUEST_FAILED, StorePart, utcnow
+from leadsync.state.schema import REQUEST_SENT, ledger, outbox, platform_requests
 
 
 class RequestPart(StorePart):
@@ -23,7 +23,9 @@ class RequestPart(StorePart):
         ``detail`` = request id) and that are not known yet; returns how many were new.
 
         Only ledger rows changed since the newest known request (less ``margin``, for
-        transactions that committed late) are read, through ``ix_ls_ledger_reason``.
+        transactions that committed late) are read: those of the outbox batches whose
+        outcomes were recorded since then, through the ledger's index by batch (the outbox has
+        one row per request, the ledger one per event).
         """
         now = utcnow()
         with self.engine.begin() as conn:
@@ -44,9 +46,21 @@ class RequestPart(StorePart):
                 ledger.c.status == DELIVERED,
                 ledger.c.detail.is_not(None),
             )
-            if newest is not None:
-                query = query.where(ledger.c.updated_at >= newest - margin)
-            found = conn.execute(query.group_by(ledger.c.detail, ledger.c.batch_id)).all()
+            query = query.group_by(ledger.c.detail, ledger.c.batch_id)
+            if newest is None:
+                found = list(conn.execute(query))
+            else:
+                since = newest - margin
+                # The batch ids first, then their rows: given as values, the planner reads
+                # the rows through the index by batch rather than every receipt.
+                recent = list(conn.execute(select(outbox.c.batch_id).where(
+                    outbox.c.destination == destination, outbox.c.updated_at >= since
+                )).scalars())
+                found = []
+                for start in range(0, len(recent), 900):
+                    found.extend(conn.execute(query.where(
+                        ledger.c.batch_id.in_(recent[start : start + 900]),
+                        ledger.c.updated_at >= since)))
             ids = list({row.detail for row in found})
             known: set[str] = set()
             for start in range(0, len(ids), 900):
@@ -137,7 +151,7 @@ class RequestPart(StorePart):
                            ledger.c.reason == receipt_reason,
                            ledger.c.detail == request_id,
                            ledger.c.event_name.in_(list(failed_event_names)))
-                    .values(status=FAILED, reason="request_failed", detail=detail,
+                    .values(status=FAILED, reason=REQUEST_FAILED, detail=detail,
                             updated_at=now)
                 ).rowcount
         return int(failed or 0)
