@@ -6,6 +6,8 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -24,3 +26,13 @@ def test_contract_cost_runs_on_a_few_rows() -> None:
     assert per["check_s"] > 0 and per["hash_and_build_s"] > 0 and per["check_projection_s"] > 0
     assert result["e2e_sqlite"]["check_s_per_100k"] > 0
     assert result["e2e_sqlite"]["batches_staged"] >= 1
+
+
+@pytest.mark.postgres
+def test_ledger_update_runs_on_a_small_ledger(pg_url: str, pg_empty_url: str) -> None:
+    """bench/ledger_update.py: both schemas, and only the new one's updates are HOT."""
+    result = _load("ledger_update").ledger_update(pg_url, pg_empty_url, rows=5000, batches=3)
+    assert result["batches"] == 3
+    assert result["now"]["median_ms"] > 0 and result["before"]["median_ms"] > 0
+    assert result["now"]["hot_share"] == 1.0
+    assert result["before"]["hot_share"] == 0.0
