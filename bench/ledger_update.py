@@ -36,17 +36,16 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, text
 from sqlalchemy.engine import Connection
 
+from leadsync.bench import _scratch_postgres
 from leadsync.db import make_engine
 from leadsync.state import DELIVERED, EventOutcome, StateStore
 from leadsync.state.outcomes import _write_outcomes
@@ -165,22 +164,6 @@ def ledger_update(url_now: str, url_before: str, rows: int = 1_000_000,
         before_engine.dispose()
 
 
-@contextmanager
-def _scratch(admin_url: str) -> Iterator[str]:
-    name = f"leadsync_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                              "WHERE datname = :n"), {"n": name})
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -188,7 +171,8 @@ def main() -> int:
     parser.add_argument("--admin-url", default="postgresql+psycopg2://postgres@127.0.0.1/postgres")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
-    with _scratch(args.admin_url) as url_now, _scratch(args.admin_url) as url_before:
+    with _scratch_postgres(args.admin_url) as url_now, \
+            _scratch_postgres(args.admin_url) as url_before:
         result = ledger_update(url_now, url_before, args.rows, args.batches)
     if args.json:
         print(json.dumps(result, indent=2))
