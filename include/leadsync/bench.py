@@ -43,6 +43,12 @@
     TikTok, Google, LinkedIn, Snapchat, Pinterest, Reddit in the default config), events/s each,
     and all of them planned from one pass over the rows.
 
+(d) The real DAG (``airflow dags test``): ``leadsync.bench_dag``.
+
+(e) The same DAG under a real scheduler (``make cluster``'s processes with the CeleryExecutor
+    and two workers, or the LocalExecutor), its first scheduled run measured from Airflow's
+    own records beside the same case's ``airflow dags test`` run: ``leadsync.bench_scheduler``.
+
 ``--quick`` (tests): 2,000 events and 5,000 end-to-end rows; a ``postgres_url`` that starts with
 ``sqlite`` runs the end-to-end part on SQLite files instead.
 """
@@ -83,6 +89,10 @@ DAG_CASES = "sqlite:200000,sqlite:1000000,postgres:1000000"
 # No-op runs of (d) per case, interleaved with as many more runs of the trivial DAG: a single
 # run of either moves by ±1.5 s from run to run, as much as the no-op's target allows.
 NOOP_RUNS = 3
+#: (e): the DAG under a real scheduler, with these executors, Redis as Celery's broker.
+SCHEDULER_CASES = "postgres:1000000"
+EXECUTORS = "celery,local"
+REDIS_URL = "redis://127.0.0.1:6379/0"
 QUICK_E2E_ROWS = (5_000,)
 PROFILE_ROWS = 20_000
 SANDBOX_TOKEN = "sandbox-meta-token"  # noqa: S105 - the local emulator's fixed token
@@ -1062,6 +1072,17 @@ def main(args: argparse.Namespace) -> int:
                                         noop_runs=1 if quick else max(1, int(getattr(
                                             args, "noop_runs", NOOP_RUNS))))
         ok = ok and all(c.correct for c in dag_results)
+    else:
+        dag_results = []
+    scheduler_cases = str(getattr(args, "scheduler_cases", "") or "")
+    if scheduler_cases and not quick:
+        from leadsync import bench_dag, bench_scheduler
+
+        scheduler_results = bench_scheduler.run_all(
+            bench_dag.parse_cases(scheduler_cases),
+            bench_scheduler.parse_executors(getattr(args, "executors", EXECUTORS)),
+            str(args.postgres_url), str(getattr(args, "redis_url", REDIS_URL)), dag_results)
+        ok = ok and all(c.correct for c in scheduler_results)
     print(f"total {time.perf_counter() - started:.0f} s; "
           f"{'all correctness checks passed' if ok else 'CORRECTNESS CHECKS FAILED'}")
     return 0 if ok else 1
@@ -1171,6 +1192,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noop-runs", type=int, default=NOOP_RUNS,
                         help="no-op runs of (d) per case, each followed by a run of the trivial "
                         "DAG; the figure is the median of the pairs' differences")
+    parser.add_argument("--scheduler-cases", default=SCHEDULER_CASES,
+                        help="backend:rows cases for (e), the DAG under a real scheduler "
+                        "('' to leave it out)")
+    parser.add_argument("--executors", default=EXECUTORS,
+                        help="executors for (e): celery (two workers), local, or both")
+    parser.add_argument("--redis-url", default=os.environ.get("LEADSYNC_BENCH_REDIS", REDIS_URL),
+                        help="the Celery broker for (e)")
     parser.add_argument("--postgres-url", default=os.environ.get(
         "LEADSYNC_BENCH_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"),
         help="admin URL for scratch databases, or 'sqlite' for SQLite files")

@@ -298,10 +298,10 @@ def _databases(backend: str, work: Path, pg_admin_url: str) -> Iterator[tuple[st
         yield url, url  # the production layout: state in the warehouse database
 
 
-def run_case(backend: str, rows: int, pg_admin_url: str, sink: _Sink, *,
-             noop: bool = True, noop_runs: int = 1) -> DagCase:
-    """One case of (d): load, fixed cost, the first run and (optionally) ``noop_runs`` no-op
-    runs, each followed by another run of the trivial DAG (see :func:`noop_extra`)."""
+def load_warehouse(warehouse_url: str, rows: int, work: Path) -> tuple[float, int]:
+    """Loads ``rows`` synthetic rows into the warehouse table (then ``ANALYZE``, as a
+    warehouse has statistics); returns the load's seconds and the eligible rows for the
+    config in ``work`` (counted in SQL, not with the pipeline's code)."""
     from sqlalchemy import text
 
     from leadsync import demo_data
@@ -309,6 +309,31 @@ def run_case(backend: str, rows: int, pg_admin_url: str, sink: _Sink, *,
     from leadsync.config import parse_config
     from leadsync.db import make_engine
     from leadsync.destinations import get_destination
+
+    engine = make_engine(warehouse_url)
+    try:
+        demo_data.create_schema(engine)
+        started = time.perf_counter()
+        now = datetime.now(UTC)
+        demo_data._load(engine, demo_data.generate_rows_fast(rows, now, seed=rows), True)
+        with engine.begin() as conn:
+            conn.execute(text(f"ANALYZE {demo_data.TABLE_NAME}"))
+        load_s = time.perf_counter() - started
+        dest = _meta_destination(
+            parse_config(yaml.safe_load((work / "leadsync.yaml").read_text())))
+        return load_s, _expected_eligible(engine, dest, get_destination(dest.type),
+                                          datetime.now(UTC))
+    finally:
+        engine.dispose()
+
+
+def run_case(backend: str, rows: int, pg_admin_url: str, sink: _Sink, *,
+             noop: bool = True, noop_runs: int = 1) -> DagCase:
+    """One case of (d): load, fixed cost, the first run and (optionally) ``noop_runs`` no-op
+    runs, each followed by another run of the trivial DAG (see :func:`noop_extra`)."""
+    from leadsync.bench import _meta_destination
+    from leadsync.config import parse_config
+    from leadsync.db import make_engine
     from leadsync.state import StateStore
 
     case = DagCase(backend, rows)
@@ -320,19 +345,9 @@ def run_case(backend: str, rows: int, pg_admin_url: str, sink: _Sink, *,
         (trivial / "trivial.py").write_text(_TRIVIAL_DAG)
         _config(work)
         with _databases(backend, work, pg_admin_url) as (warehouse_url, state_url):
-            engine = make_engine(warehouse_url)
-            demo_data.create_schema(engine)
-            started = time.perf_counter()
-            now = datetime.now(UTC)
-            demo_data._load(engine, demo_data.generate_rows_fast(rows, now, seed=rows), True)
-            with engine.begin() as conn:  # a warehouse has statistics on its tables
-                conn.execute(text(f"ANALYZE {demo_data.TABLE_NAME}"))
-            case.load_s = time.perf_counter() - started
-            config = parse_config(yaml.safe_load((work / "leadsync.yaml").read_text()))
-            dest = _meta_destination(config)
-            case.expected = _expected_eligible(engine, dest, get_destination(dest.type),
-                                               datetime.now(UTC))
-            engine.dispose()
+            case.load_s, case.expected = load_warehouse(warehouse_url, rows, work)
+            dest = _meta_destination(
+                parse_config(yaml.safe_load((work / "leadsync.yaml").read_text())))
 
             env = _airflow_env(work, ROOT / "dags", warehouse_url, state_url, sink.url)
             prep = _airflow(env, "db", "migrate", log=work / "migrate.log")
@@ -383,17 +398,26 @@ def _check(case: DagCase, summary: dict[str, Any], sink: _Sink) -> None:
         if run is not None and not run.ok:
             case.problems.append(f"the {name} failed: " + " | ".join(
                 run.log.strip().splitlines()[-5:]))
-    if not case.expected:
-        case.problems.append("no eligible rows were loaded")
-    if not len(sink.ids) == case.delivered == case.expected:
-        case.problems.append(f"sink unique events {len(sink.ids):,}, ledger delivered "
-                             f"{case.delivered:,}, eligible rows {case.expected:,}: "
-                             "they must be equal")
+    case.problems += delivery_problems(case.expected, case.delivered, summary, sink)
+
+
+def delivery_problems(expected: int, delivered: int, summary: dict[str, Any],
+                      sink: _Sink) -> list[str]:
+    """What is wrong with a case's deliveries: the sink's unique events, the ledger's
+    delivered events and the eligible rows must be equal, nothing received twice, nothing
+    left pending or failed."""
+    problems = []
+    if not expected:
+        problems.append("no eligible rows were loaded")
+    if not len(sink.ids) == delivered == expected:
+        problems.append(f"sink unique events {len(sink.ids):,}, ledger delivered "
+                        f"{delivered:,}, eligible rows {expected:,}: they must be equal")
     if sink.duplicates:
-        case.problems.append(f"the sink received {sink.duplicates:,} events twice")
+        problems.append(f"the sink received {sink.duplicates:,} events twice")
     for status in ("pending", "failed"):
         if summary.get(status):
-            case.problems.append(f"{summary[status]:,} events {status} in the ledger")
+            problems.append(f"{summary[status]:,} events {status} in the ledger")
+    return problems
 
 
 def _contract_s(run: DagRun) -> float:

@@ -37,6 +37,8 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 ADMIN_USER = "admin"
 WORKERS = 2
 WORKER_CONCURRENCY = 2
+EXECUTORS = ("CeleryExecutor", "LocalExecutor")
+EXECUTOR_NAMES = {"celery": "CeleryExecutor", "local": "LocalExecutor"}
 
 
 class ClusterError(RuntimeError):
@@ -94,6 +96,9 @@ class Cluster:
         redis_url: The Redis broker (keys are prefixed per cluster, so clusters can share it).
         workers: Number of Celery workers.
         extra_env: More environment for every process (tests tune timeouts with it).
+        executor: ``CeleryExecutor`` (the workers above, Redis as the broker) or
+            ``LocalExecutor`` (the scheduler runs the tasks itself, as many at once as the
+            Celery workers' slots together; no workers, no broker).
     """
 
     home: Path
@@ -101,13 +106,28 @@ class Cluster:
     redis_url: str = DEFAULT_REDIS
     workers: int = WORKERS
     extra_env: dict[str, str] = field(default_factory=dict)
+    executor: str = "CeleryExecutor"
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ClusterError(f"executor must be one of {', '.join(EXECUTORS)}, "
+                               f"got {self.executor!r}")
+
+    @property
+    def celery(self) -> bool:
+        return self.executor == "CeleryExecutor"
 
     @classmethod
     def default(cls) -> Cluster:
         """The cluster of ``$LEADSYNC_HOME`` (Postgres and Redis from the environment)."""
+        executor = os.environ.get("LEADSYNC_CLUSTER_EXECUTOR", "celery").strip().lower()
+        if executor not in EXECUTOR_NAMES:
+            raise ClusterError(f"LEADSYNC_CLUSTER_EXECUTOR must be celery or local, got "
+                               f"{executor!r}")
         return cls(leadsync_home() / "cluster",
                    os.environ.get("LEADSYNC_CLUSTER_PG", DEFAULT_PG),
-                   os.environ.get("LEADSYNC_CLUSTER_REDIS", DEFAULT_REDIS))
+                   os.environ.get("LEADSYNC_CLUSTER_REDIS", DEFAULT_REDIS),
+                   executor=EXECUTOR_NAMES[executor])
 
     # -- names ---------------------------------------------------------------------------
 
@@ -178,7 +198,7 @@ class Cluster:
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_DIR / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__CORE__EXECUTOR": self.executor,
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__CORE__FERNET_KEY": rec["fernet_key"],
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
@@ -203,6 +223,8 @@ class Cluster:
             **{k: v for k, v in sandbox_connections(self.sandbox_url_from(rec)).items()},
             "AIRFLOW_CONN_LEADSYNC_STATE": state_conn,
         }
+        if not self.celery:  # the scheduler runs as many tasks as the workers' slots together
+            env["AIRFLOW__CORE__PARALLELISM"] = str(max(self.workers, 1) * WORKER_CONCURRENCY)
         if "LEADSYNC_CONFIG" in os.environ:
             env["LEADSYNC_CONFIG"] = os.environ["LEADSYNC_CONFIG"]
         env.update(self.extra_env)
@@ -336,7 +358,8 @@ class Cluster:
             self.stop(out=out)
         self.home.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
-        self.check_redis()
+        if self.celery:
+            self.check_redis()
         old = self.recorded()
         rec: dict[str, Any] = {
             "fernet_key": old.get("fernet_key") or _fernet_key(),
@@ -362,7 +385,7 @@ class Cluster:
             self._spawn(rec, "api-server", ["airflow", "api-server"], env)
             self._spawn(rec, "dag-processor", ["airflow", "dag-processor"], env)
             self._spawn(rec, "triggerer", ["airflow", "triggerer", "--skip-serve-logs"], env)
-            for i in range(1, self.workers + 1):
+            for i in range(1, self.workers + 1 if self.celery else 1):
                 name = f"worker{i}"
                 wenv = {**env,
                         # Which worker ran a task shows in the task instance's hostname.
@@ -374,7 +397,7 @@ class Cluster:
                                         "--without-gossip", "--skip-serve-logs"], wenv)
             self._wait_healthy(rec, timeout, say)
             # Tasks are dispatched only once the API server they report to answers.
-            self._spawn(rec, "scheduler", ["airflow", "scheduler"], env)
+            self._spawn(rec, "scheduler", ["airflow", "scheduler", "--skip-serve-logs"], env)
             if pools.wait(timeout=timeout) != 0:
                 raise ClusterError("setting the pools failed:\n"
                                    + _tail(self.log_dir / "pools.log"))
@@ -597,8 +620,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("command",
                         choices=["start", "stop", "status", "ui", "compose-init", "seed-demo"])
     args = parser.parse_args(argv)
-    cluster = Cluster.default()
     try:
+        cluster = Cluster.default()
         if args.command == "start":
             _ensure_warehouse()
             cluster.start()

@@ -198,40 +198,16 @@ def _overheads(live: Live, run: dict[str, Any]) -> tuple[list[float], float]:
     """Per task: seconds from the moment a task could start (its upstream tasks all ended, or
     the run started) to the moment it ran. Per run: seconds of the run during which none of
     its tasks was running."""
-    tis = [t for t in live.tasks(run["dag_run_id"]) if t["start_date"] and t["end_date"]]
-    ends: dict[str, datetime] = {}
-    for t in tis:
-        end = _parse(t["end_date"])
-        assert end
-        ends[t["task_id"]] = max(ends.get(t["task_id"], end), end)
-    upstream = {"check_contract": ["open_run"],
-                "commit_watermark": [t["task_id"] for t in tis
-                                     if t["task_id"].startswith("push")]}
-    run_start = _parse(run["start_date"])
-    run_end = _parse(run["end_date"])
+    from leadsync.bench_scheduler import idle_and_gaps, sync_upstream
+
+    spans = []
+    for t in live.tasks(run["dag_run_id"]):
+        start, end = _parse(t["start_date"]), _parse(t["end_date"])
+        if start and end:
+            spans.append((str(t["task_id"]), start, end))
+    run_start, run_end = _parse(run["start_date"]), _parse(run["end_date"])
     assert run_start and run_end
-    gaps = []
-    for t in tis:
-        start = _parse(t["start_date"])
-        assert start
-        ups = upstream.get(t["task_id"])
-        if t["task_id"].startswith("push"):
-            ups = ["check_contract"]
-        ready = max((ends[u] for u in ups or [] if u in ends), default=run_start)
-        gaps.append((start - ready).total_seconds())
-    spans = sorted((_parse(t["start_date"]), _parse(t["end_date"])) for t in tis)
-    busy, cur_s, cur_e = 0.0, None, None
-    for s, e in spans:
-        assert s and e
-        if cur_e is None or s > cur_e:
-            if cur_s and cur_e:
-                busy += (cur_e - cur_s).total_seconds()
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_s and cur_e:
-        busy += (cur_e - cur_s).total_seconds()
-    return gaps, (run_end - run_start).total_seconds() - busy
+    return idle_and_gaps(run_start, run_end, spans, sync_upstream([s[0] for s in spans]))
 
 
 def _report(label: str, live: Live, run: dict[str, Any]) -> None:

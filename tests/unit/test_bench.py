@@ -87,3 +87,29 @@ def test_hash_identifiers_as_lists_is_hash_identifiers_in_lists() -> None:
             flat = hash_identifiers(row, rules)
             assert hash_identifiers_as_lists(row, rules) == {k: [v] for k, v in flat.items()}
             assert list(hash_identifiers_as_lists(row, rules)) == list(flat)
+
+
+def test_idle_and_gaps_measure_airflow_between_tasks() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from leadsync.bench_scheduler import idle_and_gaps, sync_upstream
+
+    t0 = datetime(2026, 12, 1, tzinfo=UTC)
+
+    def at(s: float) -> datetime:
+        return t0 + timedelta(seconds=s)
+
+    spans = [("open_run", at(1), at(2)), ("check_contract", at(3), at(10)),
+             ("push_lane", at(11), at(15)), ("push_lane", at(12), at(14)),
+             ("commit_watermark", at(17), at(18))]
+    upstream = sync_upstream([s[0] for s in spans])
+    gaps, idle = idle_and_gaps(t0, at(20), spans, upstream)
+    # Each task from the moment it could run: the run's start, then its upstream's end (the
+    # commit waits for the later push lane).
+    assert gaps == [1.0, 1.0, 1.0, 2.0, 2.0]
+    # Busy 1-2, 3-10, 11-15 (the lanes overlap), 17-18: 13 of the run's 20 s.
+    assert idle == pytest.approx(7.0)
+    assert upstream("commit_watermark") == ["push_lane", "push_lane"]
+    assert sync_upstream(["open_run", "check_contract"])("commit_watermark") == [
+        "check_contract"]
+    assert idle_and_gaps(t0, at(5), [], upstream) == ([], 5.0)

@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from leadsync.cluster import Cluster, _proc_start_ticks, process_tree
+import pytest
+
+from leadsync.cluster import Cluster, ClusterError, _proc_start_ticks, process_tree
 
 
 def _record(cluster: Cluster, procs: dict[str, dict[str, object]]) -> None:
@@ -85,6 +87,27 @@ def test_env_file_points_a_shell_at_the_cluster(tmp_path: Path) -> None:
     state = json.loads(env["AIRFLOW_CONN_LEADSYNC_STATE"])
     assert state["extra"]["sqlalchemy_url"].endswith("/" + cluster.state_db)
     assert json.loads(env["AIRFLOW_CONN_LEADSYNC_META"])["host"] == "http://127.0.0.1:41235"
+
+
+def test_the_executor_is_celery_or_local(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = {"ports": {"api": 41234, "sandbox": 41235}, "fernet_key": "f", "jwt_secret": "j",
+           "api_secret": "a", "processes": {}}
+    monkeypatch.setenv("LEADSYNC_HOME", str(tmp_path))
+    monkeypatch.setenv("LEADSYNC_CLUSTER_EXECUTOR", "local")
+    local = Cluster.default()
+    env = local.environment(rec)
+    assert not local.celery and env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+    # The scheduler runs as many tasks at once as the two Celery workers' slots together.
+    assert env["AIRFLOW__CORE__PARALLELISM"] == "4"
+    monkeypatch.delenv("LEADSYNC_CLUSTER_EXECUTOR")
+    celery = Cluster.default()
+    assert celery.celery and "AIRFLOW__CORE__PARALLELISM" not in celery.environment(rec)
+    monkeypatch.setenv("LEADSYNC_CLUSTER_EXECUTOR", "kubernetes")
+    with pytest.raises(ClusterError, match="LEADSYNC_CLUSTER_EXECUTOR must be celery or local"):
+        Cluster.default()
+    with pytest.raises(ClusterError, match="executor must be one of"):
+        Cluster(tmp_path / "cluster", executor="SequentialExecutor")
 
 
 def _state(pid: int) -> str:
