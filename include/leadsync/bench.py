@@ -1074,6 +1074,7 @@ def main(args: argparse.Namespace) -> int:
         ok = ok and all(c.correct for c in dag_results)
     else:
         dag_results = []
+    ran = True  # every case that was asked for could run
     scheduler_cases = str(getattr(args, "scheduler_cases", "") or "")
     if scheduler_cases and not quick:
         from leadsync import bench_dag, bench_scheduler
@@ -1082,9 +1083,15 @@ def main(args: argparse.Namespace) -> int:
             bench_dag.parse_cases(scheduler_cases),
             bench_scheduler.parse_executors(getattr(args, "executors", EXECUTORS)),
             str(args.postgres_url), str(getattr(args, "redis_url", REDIS_URL)), dag_results)
-        ok = ok and all(c.correct for c in scheduler_results)
+        not_run = [c for c in scheduler_results if c.error]
+        ok = ok and all(c.correct for c in scheduler_results if not c.error)
+        if not_run:
+            print(f"{len(not_run)} case(s) of (e) could not run (COULD NOT RUN above)")
+            ran = False
     print(f"total {time.perf_counter() - started:.0f} s; "
           f"{'all correctness checks passed' if ok else 'CORRECTNESS CHECKS FAILED'}")
+    if not ran:
+        return 1
     return 0 if ok else 1
 
 

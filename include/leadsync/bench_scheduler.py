@@ -116,10 +116,11 @@ class SchedulerCase:
     expected: int = 0
     delivered: int = 0
     problems: list[str] = field(default_factory=list)
+    error: str = ""  # why the case could not run (Redis or Postgres unreachable, a dead process)
 
     @property
     def correct(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.error
 
 
 def idle_and_gaps(start: datetime, end: datetime,
@@ -294,8 +295,8 @@ def run_case(backend: str, rows: int, executor: str, pg_admin_url: str, redis_ur
                 state.dispose()
             case.delivered = int(summary.get("delivered", 0))
             case.problems += delivery_problems(case.expected, case.delivered, summary, sink)
-    except Exception as exc:  # noqa: BLE001 - reported as the case's problem, the bench goes on
-        case.problems.append(f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - reported with the case, the bench goes on
+        case.error = f"{type(exc).__name__}: {exc}"
     finally:
         if cluster is not None:
             with contextlib.suppress(Exception):
@@ -371,6 +372,8 @@ def print_case(case: SchedulerCase, dags_test: DagCase | None = None) -> None:
         extra = f", {noop.wall_s - trivial.wall_s:+.1f} s over the trivial DAG" if trivial else ""
         print(f"      no-op run (nothing new, triggered): {noop.wall_s:.1f} s{extra}; "
               f"{_overhead(noop)}")
+    if case.error:
+        print(f"      COULD NOT RUN: {case.error}")
     for problem in case.problems:
         print(f"      CORRECTNESS: {problem}")
     sys.stdout.flush()

@@ -113,3 +113,17 @@ def test_idle_and_gaps_measure_airflow_between_tasks() -> None:
     assert sync_upstream(["open_run", "check_contract"])("commit_watermark") == [
         "check_contract"]
     assert idle_and_gaps(t0, at(5), [], upstream) == ([], 5.0)
+
+
+def test_a_scheduler_case_that_cannot_start_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    from leadsync import bench_dag, bench_scheduler
+
+    with bench_dag._Sink() as sink:
+        # Nothing listens on port 1: the Celery cluster stops at its broker, before any process.
+        case = bench_scheduler.run_case("sqlite", 100, "celery", "postgresql://unused",
+                                        "redis://127.0.0.1:1/0", sink)
+    assert not case.correct and case.first is None and not case.problems
+    assert case.error.startswith("ClusterError: Redis at redis://127.0.0.1:1/0")
+    bench_scheduler.print_case(case)
+    out = capsys.readouterr().out
+    assert "COULD NOT RUN: ClusterError: Redis at" in out and "CORRECTNESS" not in out
