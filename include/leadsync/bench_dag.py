@@ -333,8 +333,6 @@ def run_case(backend: str, rows: int, pg_admin_url: str, sink: _Sink, *,
     runs, each followed by another run of the trivial DAG (see :func:`noop_extra`)."""
     from leadsync.bench import _meta_destination
     from leadsync.config import parse_config
-    from leadsync.db import make_engine
-    from leadsync.state import StateStore
 
     case = DagCase(backend, rows)
     work = Path(tempfile.mkdtemp(prefix="leadsync-bench-dag-"))
@@ -377,11 +375,7 @@ def run_case(backend: str, rows: int, pg_admin_url: str, sink: _Sink, *,
                         case.fixed_walls.append(again.wall_s)
                 # The median run by wall time is the one reported in full.
                 case.noop = sorted(runs, key=lambda r: r.wall_s)[len(runs) // 2]
-            state = make_engine(state_url)
-            try:
-                summary = StateStore(state).summary([dest.name])[dest.name]
-            finally:
-                state.dispose()
+            summary = ledger_summary(state_url, dest.name)
             case.delivered = int(summary.get("delivered", 0))
             _check(case, summary, sink)
     finally:
@@ -399,6 +393,18 @@ def _check(case: DagCase, summary: dict[str, Any], sink: _Sink) -> None:
             case.problems.append(f"the {name} failed: " + " | ".join(
                 run.log.strip().splitlines()[-5:]))
     case.problems += delivery_problems(case.expected, case.delivered, summary, sink)
+
+
+def ledger_summary(state_url: str, destination: str) -> dict[str, Any]:
+    """The ledger's counts of one destination (delivered, pending, failed…)."""
+    from leadsync.db import make_engine
+    from leadsync.state import StateStore
+
+    engine = make_engine(state_url)
+    try:
+        return dict(StateStore(engine).summary([destination])[destination])
+    finally:
+        engine.dispose()
 
 
 def delivery_problems(expected: int, delivered: int, summary: dict[str, Any],

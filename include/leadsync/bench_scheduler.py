@@ -50,6 +50,7 @@ from leadsync.bench_dag import (
     _fmt_state,
     _Sink,
     delivery_problems,
+    ledger_summary,
     load_warehouse,
 )
 from leadsync.cluster import EXECUTOR_NAMES
@@ -244,8 +245,6 @@ def run_case(backend: str, rows: int, executor: str, pg_admin_url: str, redis_ur
     from leadsync.bench import _meta_destination
     from leadsync.cluster import Cluster
     from leadsync.config import parse_config
-    from leadsync.db import make_engine
-    from leadsync.state import StateStore
 
     case = SchedulerCase(backend, rows, executor)
     work = Path(tempfile.mkdtemp(prefix="leadsync-bench-scheduler-"))
@@ -288,11 +287,7 @@ def run_case(backend: str, rows: int, executor: str, pg_admin_url: str, redis_ur
                 if run.state != "success":
                     case.problems.append(f"the {name} ended {run.state} (logs in "
                                          f"{cluster.home / 'airflow' / 'logs'})")
-            state = make_engine(state_url)
-            try:
-                summary = StateStore(state).summary([dest.name])[dest.name]
-            finally:
-                state.dispose()
+            summary = ledger_summary(state_url, dest.name)
             case.delivered = int(summary.get("delivered", 0))
             case.problems += delivery_problems(case.expected, case.delivered, summary, sink)
     except Exception as exc:  # noqa: BLE001 - reported with the case, the bench goes on
