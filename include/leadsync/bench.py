@@ -1088,6 +1088,15 @@ def main(args: argparse.Namespace) -> int:
         if not_run:
             print(f"{len(not_run)} case(s) of (e) could not run (COULD NOT RUN above)")
             ran = False
+    targets = [f"(a) build {build.ratio:.2f}x the SDK (≥ {TARGET_RATIO:g}x: "
+               f"{'met' if build.ratio >= TARGET_RATIO else 'MISSED'})"]
+    if dag_results:
+        from leadsync import bench_dag
+
+        targets += [f"(d) {line}" for line in bench_dag.target_lines(dag_results)]
+    print("targets (issue 9):")
+    for line in targets:
+        print(f"    {line}")
     print(f"total {time.perf_counter() - started:.0f} s; "
           f"{'all correctness checks passed' if ok else 'CORRECTNESS CHECKS FAILED'}")
     if not ran:

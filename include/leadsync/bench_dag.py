@@ -534,6 +534,34 @@ def parse_cases(text: str) -> list[tuple[str, int]]:
     return cases
 
 
+def target_lines(results: list[DagCase]) -> list[str]:
+    """Issue 9's targets for (d), one line each: the figure, the target, met or missed."""
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    lines = []
+    for case in results:
+        first, label = case.first, f"{case.rows:,} rows {case.backend}"
+        if first is None:
+            continue
+        target = TARGETS.get((case.backend, case.rows))
+        if target is not None:
+            lines.append(f"{label}: first run {first.wall_s:.1f} s (≤ {target:.0f}: "
+                         f"{verdict(first.wall_s <= target)}; trivial DAG "
+                         f"{case.fixed.wall_s if case.fixed else float('nan'):.1f} s)")
+        lines.append(f"{label}: largest process {first.peak_rss_mb:.0f} MB (≤ {RSS_TARGET_MB}: "
+                     f"{verdict(first.peak_rss_mb <= RSS_TARGET_MB)})")
+        if first.phases and first.wall_s:
+            share = _contract_s(first) / first.wall_s
+            lines.append(f"{label}: contract {share:.0%} of the run (≤ 25 %: "
+                         f"{verdict(share <= 0.25)})")
+        if case.noop is not None and case.fixed is not None:
+            extra, _ = noop_extra(case)
+            lines.append(f"{label}: no-op {extra:+.1f} s over the trivial DAG (≤ "
+                         f"{NOOP_TARGET_S:.0f}: {verdict(extra <= NOOP_TARGET_S)})")
+    return lines
+
+
 def run_all(cases: list[tuple[str, int]], pg_admin_url: str, *,
             noop_runs: int = 1) -> list[DagCase]:
     """Runs and prints every case, one at a time."""

@@ -35,3 +35,8 @@ def test_dag_benchmark_delivers_every_eligible_row_once_and_reports_its_phases()
     diffs = [n - f for n, f in zip(case.noop_walls, case.fixed_walls, strict=True)]
     assert abs(extra - sum(diffs) / 2) < 1e-9 and "median of 2 pairs" in detail
     assert case.noop.wall_s in case.noop_walls
+    # The targets' summary: no wall-time target at this size, the others each with a verdict.
+    lines = bench_dag.target_lines([case])
+    assert [line.split(": ")[1].split(" ")[0] for line in lines] == [
+        "largest", "contract", "no-op"], lines
+    assert all(line.endswith(("met)", "MISSED)")) for line in lines), lines

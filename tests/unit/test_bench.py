@@ -33,6 +33,7 @@ def test_quick_benchmark_passes_its_correctness_checks(capsys: pytest.CaptureFix
     assert "same events: OK (2,000 events each side" in out
     assert "correctness OK: eligible 5,000, ledger delivered 5,000, sandbox unique 5,000" in out
     assert "all correctness checks passed" in out
+    assert "targets (issue 9):\n    (a) build " in out
 
 
 def test_end_to_end_on_sqlite_delivers_every_eligible_row_once() -> None:
