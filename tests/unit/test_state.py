@@ -588,6 +588,29 @@ def test_ledger_rows_keep_every_character_of_their_text(store: StateStore) -> No
         f"p{i}": (SKIPPED, "opted_out", None, f"lead-p{i}") for i in range(3)}
 
 
+def test_ledger_times_keep_their_instant_whatever_their_zone(store: StateStore) -> None:
+    # UTC times go to Postgres' COPY with their offset (the column ignores it); other zones
+    # are converted to UTC first: either way the same instant reads back, to the microsecond.
+    from datetime import timezone
+
+    plus2 = timezone(timedelta(hours=2))
+    exact = T0 + timedelta(microseconds=123_457)
+    records = [LedgerRecord("utc", "lead-utc", "qualified", "MQL", PENDING,
+                            source_ts=T0 + timedelta(minutes=1), event_time=exact),
+               LedgerRecord("zoned", "lead-zoned", "qualified", "MQL", PENDING,
+                            source_ts=exact.astimezone(plus2),
+                            event_time=(T0 + timedelta(hours=5)).astimezone(plus2))]
+    assert T0.tzinfo is UTC and records[1].source_ts.utcoffset() == timedelta(hours=2)
+    start(store, "r1", None)
+    store.stage_batch(DEST, "r1", "b1", 1, [envelope("utc"), envelope("zoned")], records, None)
+    rows = ledger_by_id(store)
+    assert (rows["utc"]["source_ts"], rows["utc"]["event_time"]) == (
+        T0 + timedelta(minutes=1), exact)
+    assert (rows["zoned"]["source_ts"], rows["zoned"]["event_time"]) == (
+        exact, T0 + timedelta(hours=5))
+    assert rows["zoned"]["source_ts"].tzinfo is UTC
+
+
 def test_stage_batch_is_atomic(store: StateStore) -> None:
     """A failure writing the ledger leaves no outbox batch behind (and vice versa)."""
     bad = LedgerRecord("e2", "lead-e2", "qualified", "MQL", PENDING,
