@@ -140,6 +140,12 @@ class DagRun:
     log: str = ""
     tree_rss_mb: float = 0.0  # the peak of all its processes' RSS together (sampled)
     worker: dict[str, float] = field(default_factory=dict)  # the contract worker's busy time
+    # CPU seconds: the airflow process with every process it started and waited for (the
+    # task's GX and stage workers), from wait4; the whole machine's busy time over the same
+    # wall time, from /proc/stat (Postgres, the sink and anything else included); None where
+    # /proc/stat cannot be read.
+    cpu_s: float = 0.0
+    machine_busy_s: float | None = None
 
 
 @dataclass
@@ -202,6 +208,7 @@ def _airflow(env: dict[str, str], *args: str, log: Path) -> DagRun:
     """Runs one ``airflow`` command; wall time and peak RSS from ``wait4``."""
     airflow = Path(sys.executable).with_name("airflow")
     rss_file = log.with_suffix(".maxrss")
+    busy_before = machine_busy_s()
     started = time.perf_counter()
     with open(log, "wb") as out:
         # Through a small launcher: on Linux a child's ru_maxrss keeps the high-water mark of
@@ -212,15 +219,36 @@ def _airflow(env: dict[str, str], *args: str, log: Path) -> DagRun:
             [sys.executable, "-c", _MEASURE, str(rss_file), str(airflow), *args], env=env,
             stdout=out, stderr=subprocess.STDOUT, check=False)
     wall = time.perf_counter() - started
+    busy_after = machine_busy_s()
     text = log.read_text(errors="replace")
-    peaks = (rss_file.read_text().split() if rss_file.exists() else []) or ["0", "0"]
+    peaks = (rss_file.read_text().split() if rss_file.exists() else []) or ["0", "0", "0"]
     return DagRun(wall, int(peaks[0]) / 1024, proc.returncode == 0, log=text,
-                  tree_rss_mb=int(peaks[-1]) / 1024)
+                  tree_rss_mb=int(peaks[1]) / 1024,
+                  cpu_s=float(peaks[2]) if len(peaks) > 2 else 0.0,
+                  machine_busy_s=None if busy_before is None or busy_after is None
+                  else busy_after - busy_before)
+
+
+def machine_busy_s(stat: str | None = None) -> float | None:
+    """The machine's CPU seconds spent busy since boot, all cores together: the first line of
+    ``/proc/stat`` without its idle and iowait ticks (guest time is already in user time)."""
+    try:
+        if stat is None:
+            with open("/proc/stat") as f:
+                stat = f.readline()
+        fields = stat.split()
+        if fields[0] != "cpu":
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # The launcher: starts the command, samples the summed RSS of its process tree (the task
 # process and any process it starts, like the contract worker) every 0.1 s, and reports
-# "<largest process's peak (ru_maxrss, kB)> <peak of the tree's sum (kB)>".
+# "<largest process's peak (ru_maxrss, kB)> <peak of the tree's sum (kB)> <CPU s>", the CPU
+# time of the command and of every process it waited for (wait4's, user + system).
 _MEASURE = r"""
 import os, sys, time
 pid = os.spawnv(os.P_NOWAIT, sys.argv[2], sys.argv[2:])
@@ -253,7 +281,7 @@ while True:
     peak = max(peak, tree_kib())
     time.sleep(0.1)
 with open(sys.argv[1], "w") as f:
-    f.write(f"{usage.ru_maxrss} {peak}")
+    f.write(f"{usage.ru_maxrss} {peak} {usage.ru_utime + usage.ru_stime}")
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
@@ -457,6 +485,18 @@ def _fmt_state(p: dict[str, float]) -> str:
             f"{p['writer.state']:.1f}, peak RSS {p.get('writer.peak_rss_mb', 0):.0f} MB)")
 
 
+def _fmt_cpu(run: DagRun) -> str:
+    """Where the run's CPU went: its own processes, the rest of the machine, how many of the
+    machine's cores were busy on average (near all of them: the run waits for the CPU)."""
+    own = f"{run.cpu_s:.1f} s in airflow's process and the processes it started"
+    if run.machine_busy_s is None or not run.wall_s:
+        return own
+    cores = os.cpu_count() or 1
+    rest = max(0.0, run.machine_busy_s - run.cpu_s)
+    return (f"{own}, {rest:.1f} s elsewhere on the machine (Postgres, the sink, the rest): "
+            f"{run.machine_busy_s / run.wall_s:.2f} of its {cores} cores busy on average")
+
+
 def _fmt_rss(run: DagRun) -> str:
     met = "met" if run.peak_rss_mb <= RSS_TARGET_MB else "MISSED"
     return (f"peak RSS {run.peak_rss_mb:.0f} MB of the largest process (target ≤ "
@@ -482,6 +522,7 @@ def print_case(case: DagCase) -> None:
         print(f"        phases (s): {_fmt_phases(first, case.sink_busy_s)}")
         tasks = ", ".join(f"{t} {s:.1f}" for t, s in first.tasks.items())
         print(f"        tasks (s): {tasks}")
+        print(f"        CPU: {_fmt_cpu(first)}")
         if first.phases and first.wall_s:
             check = _contract_s(first)
             beside = sum(first.worker.values())

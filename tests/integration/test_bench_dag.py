@@ -23,6 +23,10 @@ def test_dag_benchmark_delivers_every_eligible_row_once_and_reports_its_phases()
     assert case.noop.counts["read"] > 0 and case.noop.counts.get("staged", 0) == 0
     assert case.noop.phases.get("gx_setup", 0.0) == 0.0  # GX never imported
     assert case.first.peak_rss_mb > case.fixed.peak_rss_mb > 0
+    # The CPU the run's processes used (wait4 counts the workers the task waited for) and the
+    # machine's busy time over the same wall time, which holds it.
+    assert case.first.cpu_s > 0 and case.first.machine_busy_s is not None
+    assert case.first.machine_busy_s >= 0.9 * case.first.cpu_s
     # GX ran in the check task's worker process: its time and memory are reported, and the
     # sampled tree holds both processes.
     assert case.first.worker.keys() >= {"suite", "run"}

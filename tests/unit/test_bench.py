@@ -128,3 +128,30 @@ def test_a_scheduler_case_that_cannot_start_says_why(capsys: pytest.CaptureFixtu
     bench_scheduler.print_case(case)
     out = capsys.readouterr().out
     assert "COULD NOT RUN: ClusterError: Redis at" in out and "CORRECTNESS" not in out
+
+
+def test_the_machine_busy_time_leaves_out_idle_and_iowait() -> None:
+    import os
+
+    from leadsync import bench_dag
+
+    tick = os.sysconf("SC_CLK_TCK")
+    line = "cpu  700 10 200 9000 300 5 15 20 0 0"  # user nice system idle iowait irq softirq steal
+    assert bench_dag.machine_busy_s(line) == pytest.approx((700 + 10 + 200 + 5 + 15 + 20) / tick)
+    assert bench_dag.machine_busy_s("intr 1 2 3") is None
+    assert bench_dag.machine_busy_s("cpu 1 2") is None
+    now = bench_dag.machine_busy_s()
+    assert now is not None and now > 0  # this machine's /proc/stat
+
+
+def test_a_run_s_cpu_line_says_how_many_cores_were_busy() -> None:
+    from leadsync import bench_dag
+
+    run = bench_dag.DagRun(wall_s=10.0, peak_rss_mb=300.0, ok=True, cpu_s=12.0,
+                           machine_busy_s=18.0)
+    line = bench_dag._fmt_cpu(run)
+    assert line.startswith("12.0 s in airflow's process and the processes it started, 6.0 s "
+                           "elsewhere on the machine")
+    assert "1.80 of its" in line
+    unknown = bench_dag.DagRun(wall_s=10.0, peak_rss_mb=300.0, ok=True, cpu_s=12.0)
+    assert bench_dag._fmt_cpu(unknown) == "12.0 s in airflow's process and the processes it started"
