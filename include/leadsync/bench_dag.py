@@ -146,6 +146,10 @@ class DagRun:
     # /proc/stat cannot be read.
     cpu_s: float = 0.0
     machine_busy_s: float | None = None
+    # The machine's busy CPU seconds, sampled with the RSS: (Unix time, seconds since boot).
+    busy_samples: list[tuple[float, float]] = field(default_factory=list)
+    # Per task: the cores busy on average while it ran (its instances' span).
+    busy_cores: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,12 +225,26 @@ def _airflow(env: dict[str, str], *args: str, log: Path) -> DagRun:
     wall = time.perf_counter() - started
     busy_after = machine_busy_s()
     text = log.read_text(errors="replace")
-    peaks = (rss_file.read_text().split() if rss_file.exists() else []) or ["0", "0", "0"]
+    lines = rss_file.read_text().splitlines() if rss_file.exists() else []
+    peaks = (lines[0].split() if lines else []) or ["0", "0", "0"]
+    samples = []
+    for line in lines[1:]:
+        at, busy = line.split()
+        samples.append((float(at), float(busy)))
     return DagRun(wall, int(peaks[0]) / 1024, proc.returncode == 0, log=text,
                   tree_rss_mb=int(peaks[1]) / 1024,
                   cpu_s=float(peaks[2]) if len(peaks) > 2 else 0.0,
                   machine_busy_s=None if busy_before is None or busy_after is None
-                  else busy_after - busy_before)
+                  else busy_after - busy_before, busy_samples=samples)
+
+
+def busy_cores(samples: list[tuple[float, float]], start: float, end: float) -> float | None:
+    """The cores busy on average from ``start`` to ``end`` (Unix times), from the samples
+    nearest inside; None when fewer than two fall inside."""
+    inside = [(t, busy) for t, busy in samples if start <= t <= end]
+    if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+        return None
+    return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
 
 def machine_busy_s(stat: str | None = None) -> float | None:
@@ -248,7 +266,8 @@ def machine_busy_s(stat: str | None = None) -> float | None:
 # The launcher: starts the command, samples the summed RSS of its process tree (the task
 # process and any process it starts, like the contract worker) every 0.1 s, and reports
 # "<largest process's peak (ru_maxrss, kB)> <peak of the tree's sum (kB)> <CPU s>", the CPU
-# time of the command and of every process it waited for (wait4's, user + system).
+# time of the command and of every process it waited for (wait4's, user + system), then a
+# line "<Unix time> <the machine's busy CPU seconds>" per sample (see machine_busy_s).
 _MEASURE = r"""
 import os, sys, time
 pid = os.spawnv(os.P_NOWAIT, sys.argv[2], sys.argv[2:])
@@ -273,21 +292,39 @@ def tree_kib():
         todo.extend(children.get(p, ()))
     return total
 
-peak = 0
+def busy():
+    try:
+        with open("/proc/stat") as f:
+            ticks = f.readline().split()[1:9]
+        return sum(int(t) for i, t in enumerate(ticks) if i not in (3, 4)) / os.sysconf(
+            "SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+peak, samples = 0, []
 while True:
     done, status, usage = os.wait4(pid, os.WNOHANG)
     if done:
         break
     peak = max(peak, tree_kib())
+    if (b := busy()) is not None:
+        samples.append(f"{time.time()} {b}")
     time.sleep(0.1)
 with open(sys.argv[1], "w") as f:
-    f.write(f"{usage.ru_maxrss} {peak} {usage.ru_utime + usage.ru_stime}")
+    f.write("\n".join([f"{usage.ru_maxrss} {peak} {usage.ru_utime + usage.ru_stime}",
+                       *samples]))
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
 _WORKER_LINE = re.compile(r"contract worker process peaked at .*? busy time \(s\): (\{.*?\})")
 _PASS_LINE = re.compile(r"read (\S+) once: (\{.*?\}); phases \(s\): (\{.*?\})")
+
+
+def _unix(value: Any) -> float:
+    """A time from Airflow's SQLite metadata (UTC text, or a datetime) as Unix time."""
+    when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def _fill(run: DagRun, airflow_db: Path, dag_id: str) -> None:
@@ -300,10 +337,15 @@ def _fill(run: DagRun, airflow_db: Path, dag_id: str) -> None:
             run_id = conn.execute(text(
                 "SELECT run_id FROM dag_run WHERE dag_id = :d ORDER BY id DESC LIMIT 1"),
                 {"d": dag_id}).scalar()
-            for task_id, seconds in conn.execute(text(
-                    "SELECT task_id, SUM(duration) FROM task_instance WHERE dag_id = :d "
-                    "AND run_id = :r GROUP BY task_id"), {"d": dag_id, "r": run_id}):
+            for task_id, seconds, start, end in conn.execute(text(
+                    "SELECT task_id, SUM(duration), MIN(start_date), MAX(end_date) "
+                    "FROM task_instance WHERE dag_id = :d AND run_id = :r GROUP BY task_id"),
+                    {"d": dag_id, "r": run_id}):
                 run.tasks[str(task_id)] = float(seconds or 0.0)
+                if start and end:
+                    cores = busy_cores(run.busy_samples, _unix(start), _unix(end))
+                    if cores is not None:
+                        run.busy_cores[str(task_id)] = cores
     finally:
         engine.dispose()
     worker = _WORKER_LINE.search(run.log)
@@ -493,8 +535,10 @@ def _fmt_cpu(run: DagRun) -> str:
         return own
     cores = os.cpu_count() or 1
     rest = max(0.0, run.machine_busy_s - run.cpu_s)
+    during = "".join(f", {cores_:.2f} during {task}" for task, cores_ in run.busy_cores.items())
     return (f"{own}, {rest:.1f} s elsewhere on the machine (Postgres, the sink, the rest): "
-            f"{run.machine_busy_s / run.wall_s:.2f} of its {cores} cores busy on average")
+            f"{run.machine_busy_s / run.wall_s:.2f} of its {cores} cores busy on average"
+            f"{during}")
 
 
 def _fmt_rss(run: DagRun) -> str:

@@ -3,6 +3,8 @@ lean sink, the no-op run and the checks (correctness only, never speed)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from leadsync import bench_dag
@@ -27,6 +29,11 @@ def test_dag_benchmark_delivers_every_eligible_row_once_and_reports_its_phases()
     # machine's busy time over the same wall time, which holds it.
     assert case.first.cpu_s > 0 and case.first.machine_busy_s is not None
     assert case.first.machine_busy_s >= 0.9 * case.first.cpu_s
+    # The cores busy while each task ran, from the samples inside its span (open_run takes
+    # seconds under dags test: Airflow starts its execution API for it).
+    assert "open_run" in case.first.busy_cores
+    assert set(case.first.busy_cores) <= set(case.first.tasks)
+    assert all(0 <= c <= (os.cpu_count() or 1) + 0.5 for c in case.first.busy_cores.values())
     # GX ran in the check task's worker process: its time and memory are reported, and the
     # sampled tree holds both processes.
     assert case.first.worker.keys() >= {"suite", "run"}

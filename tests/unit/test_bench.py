@@ -155,3 +155,14 @@ def test_a_run_s_cpu_line_says_how_many_cores_were_busy() -> None:
     assert "1.80 of its" in line
     unknown = bench_dag.DagRun(wall_s=10.0, peak_rss_mb=300.0, ok=True, cpu_s=12.0)
     assert bench_dag._fmt_cpu(unknown) == "12.0 s in airflow's process and the processes it started"
+
+
+def test_busy_cores_between_two_times_comes_from_the_samples_inside() -> None:
+    from leadsync import bench_dag
+
+    samples = [(100.0, 50.0), (101.0, 51.0), (102.0, 53.0), (103.0, 55.0), (104.0, 55.5)]
+    assert bench_dag.busy_cores(samples, 101.0, 103.0) == pytest.approx(2.0)
+    assert bench_dag.busy_cores(samples, 100.0, 104.0) == pytest.approx(1.375)
+    assert bench_dag.busy_cores(samples, 103.5, 104.5) is None  # one sample inside
+    assert bench_dag._unix("2026-12-05 03:10:00.500000") == pytest.approx(1796440200.5)
+    assert bench_dag._unix("2026-12-05 03:10:00+00:00") == pytest.approx(1796440200.0)
