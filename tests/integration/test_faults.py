@@ -355,21 +355,26 @@ def test_random_fault_schedules(request: pytest.FixtureRequest, tmp_path: Path,
     assert tally.lost == 0 and tally.double_counted == 0
 
 
-def test_random_schedules_on_postgres(request: pytest.FixtureRequest, pg_url: str,
-                                      sandbox: Any) -> None:
+def postgres_world(pg_url: str, sandbox_url: str) -> World:
+    """A fresh world in the test's Postgres database (warehouse and state store in one, as
+    in production), the sandbox reset."""
     from sqlalchemy import text
 
+    requests.post(f"{sandbox_url}/_sandbox/reset", timeout=5).raise_for_status()
+    engine = make_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    return World(fault_config(), pg_url, pg_url, sandbox_url)
+
+
+def test_random_schedules_on_postgres(request: pytest.FixtureRequest, pg_url: str,
+                                      sandbox: Any) -> None:
     tally = Tally()
     base = int(request.config.getoption("--schedule-seed")) + 100_000
     for i in range(10):
-        requests.post(f"{sandbox.url}/_sandbox/reset", timeout=5).raise_for_status()
-        engine = make_engine(pg_url)
-        with engine.begin() as conn:
-            conn.execute(text("DROP SCHEMA public CASCADE"))
-            conn.execute(text("CREATE SCHEMA public"))
-        engine.dispose()
-        world = World(fault_config(), pg_url, pg_url, sandbox.url)
-        run_schedule(base + i, world, tally)
+        run_schedule(base + i, postgres_world(pg_url, sandbox.url), tally)
     assert tally.lost == 0 and tally.double_counted == 0
 
 

@@ -25,6 +25,7 @@ from .test_faults import (
     World,
     check_invariants,
     fault_config,
+    postgres_world,
     run_like_the_dag,
     run_schedule,
     run_sqlite_schedules,
@@ -135,10 +136,18 @@ def _crash_at_second_write(world: World, run_id: str) -> int:
         return int(held.scalar() or 0)
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_a_crash_after_a_batch_the_worker_staged_crashes_the_task(
-        world: World, tmp_path: Path, sandbox: Any, starts: list[int],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        kind: str, tmp_path: Path, sandbox: Any, starts: list[int],
+        monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """The crash happens right after the worker's second write, with nothing written after
+    it: as many batches held as when the task stages the same window itself; the next run
+    delivers everything once (the worker writing to SQLite, and to Postgres)."""
     now = datetime.now(UTC)
+    if kind == "postgres":
+        world = postgres_world(request.getfixturevalue("pg_url"), sandbox.url)
+    else:
+        world = request.getfixturevalue("world")
     demo_data.seed(make_engine(world.warehouse_url), 30, now)
     held = _crash_at_second_write(world, "crashed")
     assert starts, "the check should have staged through the stage worker"
@@ -155,47 +164,12 @@ def test_a_crash_after_a_batch_the_worker_staged_crashes_the_task(
     check_invariants(world, set(), 0, Tally())
 
 
-def _pg_world(pg_url: str, sandbox: Any) -> World:
-    """A fresh Postgres warehouse and state store in the test's database."""
-    requests.post(f"{sandbox.url}/_sandbox/reset", timeout=5).raise_for_status()
-    engine = make_engine(pg_url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    engine.dispose()
-    return World(fault_config(), pg_url, pg_url, sandbox.url)
-
-
-def test_on_postgres_a_crash_after_a_batch_the_worker_staged_crashes_the_task(
-        pg_url: str, tmp_path: Path, sandbox: Any, starts: list[int],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The crash test above with the worker writing to Postgres: the crash happens right
-    after the second write, with nothing written after it (as many batches held as when the
-    task stages the same window itself), and the next run delivers everything once."""
-    now = datetime.now(UTC)
-    world = _pg_world(pg_url, sandbox)
-    demo_data.seed(make_engine(world.warehouse_url), 30, now)
-    held = _crash_at_second_write(world, "crashed")
-    assert starts, "the check should have staged through the stage worker"
-    (tmp_path / "alone").mkdir()
-    alone = World(world.config, f"sqlite:///{tmp_path / 'alone' / 'wh.db'}",
-                  f"sqlite:///{tmp_path / 'alone' / 'state.db'}", sandbox.url)
-    demo_data.seed(make_engine(alone.warehouse_url), 30, now)
-    monkeypatch.setattr(pipeline, "WRITER_PROCESS_MIN_ROWS", 10**9)
-    assert held == _crash_at_second_write(alone, "crashed") >= 2
-    monkeypatch.setattr(pipeline, "WRITER_PROCESS_MIN_ROWS", 0)
-    time.sleep(0.45)  # the dead run's lease expires
-    requests.post(f"{sandbox.url}/_sandbox/reset", timeout=5).raise_for_status()
-    assert run_like_the_dag(world, "rerun") == "success"
-    check_invariants(world, set(), 0, Tally())
-
-
 def test_random_fault_schedules_with_the_stage_worker_on_postgres(
         pg_url: str, sandbox: Any, starts: list[int], request: pytest.FixtureRequest) -> None:
     tally = Tally()
     base = int(request.config.getoption("--schedule-seed")) + 300_000
     for i in range(4):
-        run_schedule(base + i, _pg_world(pg_url, sandbox), tally)
+        run_schedule(base + i, postgres_world(pg_url, sandbox.url), tally)
     assert starts
     assert tally.lost == 0 and tally.double_counted == 0
 
