@@ -29,6 +29,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,9 +50,11 @@ from leadsync.bench_dag import (
     _databases,
     _fmt_state,
     _Sink,
+    busy_cores,
     delivery_problems,
     ledger_summary,
     load_warehouse,
+    machine_busy_s,
 )
 from leadsync.cluster import EXECUTOR_NAMES
 
@@ -118,6 +121,9 @@ class SchedulerCase:
     delivered: int = 0
     problems: list[str] = field(default_factory=list)
     error: str = ""  # why the case could not run (Redis or Postgres unreachable, a dead process)
+    # The whole machine's cores busy on average during the first run, and during each of its
+    # tasks (from the first instance's start to the last one's end): "run" for the run.
+    busy: dict[str, float] = field(default_factory=dict)
 
     @property
     def correct(self) -> bool:
@@ -272,7 +278,9 @@ def run_case(backend: str, rows: int, executor: str, pg_admin_url: str, redis_ur
             meta = create_engine(cluster.db_url(cluster.airflow_db))
             try:
                 # The scheduler starts the DAG's first run as soon as it is parsed.
-                case.first = _wait_run(meta, DAG_ID, 0, cluster, RUN_TIMEOUT_S)
+                with _BusySampler() as sampler:
+                    case.first = _wait_run(meta, DAG_ID, 0, cluster, RUN_TIMEOUT_S)
+                case.busy = run_busy(case.first, sampler.samples)
                 case.sink_requests, case.sink_events = sink.requests, sink.events
                 case.sink_busy_s = sink.busy_s
                 case.phases = _pass_phases(cluster.home / "airflow", case.first.run_id)
@@ -308,6 +316,49 @@ def run_case(backend: str, rows: int, executor: str, pg_admin_url: str, redis_ur
         else:
             shutil.rmtree(work, ignore_errors=True)
     return case
+
+
+class _BusySampler:
+    """Samples the machine's busy CPU time (:func:`machine_busy_s`) every 0.1 s on a thread,
+    while the ``with`` block runs: the scheduler's processes are not the bench's children,
+    so their CPU is seen the way the machine sees it."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="busy-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            busy = machine_busy_s()
+            if busy is not None:
+                self.samples.append((time.time(), busy))
+            if self._stop.wait(0.1):
+                return
+
+    def __enter__(self) -> _BusySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_busy(run: RunRecord, samples: list[tuple[float, float]]) -> dict[str, float]:
+    """The cores busy on average during ``run`` ("run") and during each of its tasks, from
+    the first instance's start to the last one's end; figures with too few samples are left
+    out."""
+    found: dict[str, float] = {}
+    spans: dict[str, tuple[datetime, datetime]] = {}
+    for s in run.spans:
+        start, end = spans.get(s.task_id, (s.start, s.end))
+        spans[s.task_id] = (min(start, s.start), max(end, s.end))
+    for name, (start, end) in [("run", (run.start, run.end)), *spans.items()]:
+        cores = busy_cores(samples, start.timestamp(), end.timestamp())
+        if cores is not None:
+            found[name] = cores
+    return found
 
 
 def _overhead(run: RunRecord) -> str:
@@ -362,6 +413,9 @@ def print_case(case: SchedulerCase, dags_test: DagCase | None = None) -> None:
                   f"{case.sink_busy_s:.1f}")
         print(f"        tasks (s): {_tasks(first)}")
         print(f"        Airflow: {_overhead(first)}")
+        if case.busy:
+            during = ", ".join(f"{name} {cores:.2f}" for name, cores in case.busy.items())
+            print(f"        the machine's cores busy on average (of {os.cpu_count()}): {during}")
     noop = case.noop
     if noop is not None:
         extra = f", {noop.wall_s - trivial.wall_s:+.1f} s over the trivial DAG" if trivial else ""

@@ -5,6 +5,8 @@ Airflow's records of each, and the delivery checks (correctness only, never spee
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from leadsync import bench_dag, bench_scheduler
@@ -34,7 +36,12 @@ def test_scheduler_benchmark_runs_the_dag_on_a_real_scheduler(
     assert sorted(s.task_id for s in case.trivial.spans) == ["first", "second"]
     assert case.first.wall_s > 0 and case.trivial.wall_s > 0
     assert case.phases.keys() >= {"read", "plan", "check"}
+    # The machine's busy cores, sampled while the first run ran: for the run, and for the
+    # tasks long enough to hold two samples (each starts a process: open_run takes seconds).
+    assert {"run", "open_run"} <= set(case.busy) <= {"run", *tasks}
+    assert all(0 <= c <= (os.cpu_count() or 1) + 0.5 for c in case.busy.values())
     bench_scheduler.print_case(case)
     out = capsys.readouterr().out
     assert "LocalExecutor" in out and "first run (scheduled)" in out
+    assert "the machine's cores busy on average" in out
     assert "CORRECTNESS" not in out

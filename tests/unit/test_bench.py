@@ -166,3 +166,25 @@ def test_busy_cores_between_two_times_comes_from_the_samples_inside() -> None:
     assert bench_dag.busy_cores(samples, 103.5, 104.5) is None  # one sample inside
     assert bench_dag._unix("2026-12-05 03:10:00.500000") == pytest.approx(1796440200.5)
     assert bench_dag._unix("2026-12-05 03:10:00+00:00") == pytest.approx(1796440200.0)
+
+
+def test_a_scheduled_run_s_busy_cores_cover_the_run_and_each_task_s_span() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from leadsync import bench_scheduler
+
+    t0 = datetime(2026, 12, 5, 3, 0, tzinfo=UTC)
+
+    def at(s: float) -> datetime:
+        return t0 + timedelta(seconds=s)
+
+    spans = [bench_scheduler.Span("check", -1, at(0), at(4), "w1", "success"),
+             bench_scheduler.Span("push", 0, at(4), at(6), "w1", "success"),
+             bench_scheduler.Span("push", 1, at(5), at(8), "w2", "success"),
+             bench_scheduler.Span("tiny", -1, at(8.1), at(8.2), "w1", "success")]
+    run = bench_scheduler.RunRecord("d", "r", "success", None, at(0), at(8), spans)
+    base = t0.timestamp()
+    # Two cores busy for the first four seconds, one after.
+    samples = [(base + s, 2.0 * min(s, 4) + max(0.0, s - 4)) for s in range(0, 10)]
+    busy = bench_scheduler.run_busy(run, samples)
+    assert busy == pytest.approx({"run": 1.5, "check": 2.0, "push": 1.0})  # tiny: no samples
