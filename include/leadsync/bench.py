@@ -1033,9 +1033,43 @@ def _row_counts(text: str) -> list[int]:
     return counts
 
 
+class BenchArgumentError(ValueError):
+    """An option of ``leadsync bench`` that cannot be read (the message names it and quotes
+    the value given: it is the user's own text, never row data)."""
+
+
+@dataclass(frozen=True)
+class Cases:
+    """What (d) and (e) are to run, read from the options before anything runs."""
+
+    dag: list[tuple[str, int]]
+    scheduler: list[tuple[str, int]]
+    executors: list[str]
+
+
+def read_cases(args: argparse.Namespace) -> Cases:
+    """The cases of (d) and (e) and the executors of (e), checked up front: a typo in
+    ``--executors`` must not surface after (a), (b) and (d) have run for minutes."""
+    from leadsync import bench_dag, bench_scheduler
+
+    quick = bool(getattr(args, "quick", False))
+    try:
+        dag = ([] if getattr(args, "skip_dag", False)
+               else [("sqlite", QUICK_E2E_ROWS[0])] if quick
+               else bench_dag.parse_cases(getattr(args, "dag_cases", DAG_CASES)))
+        text_ = "" if quick else str(getattr(args, "scheduler_cases", "") or "")
+        scheduler = bench_dag.parse_cases(text_, option="--scheduler-cases")
+        executors = (bench_scheduler.parse_executors(getattr(args, "executors", EXECUTORS))
+                     if scheduler else [])
+    except ValueError as exc:
+        raise BenchArgumentError(str(exc)) from None
+    return Cases(dag, scheduler, executors)
+
+
 def main(args: argparse.Namespace) -> int:
     """``leadsync bench``: prints the figures; returns 1 when a correctness check fails."""
     started = time.perf_counter()
+    cases = read_cases(args)
     quick = bool(getattr(args, "quick", False))
     events = QUICK_EVENTS if quick else int(args.events)
     rows = list(QUICK_E2E_ROWS) if quick else _row_counts(args.e2e_rows)
@@ -1063,25 +1097,21 @@ def main(args: argparse.Namespace) -> int:
             ok = ok and result.correct
         if len(results) >= 2:
             print_e2e_summary(results)
-    if not getattr(args, "skip_dag", False):
+    if cases.dag:
         from leadsync import bench_dag
 
-        cases = ([("sqlite", QUICK_E2E_ROWS[0])] if quick
-                 else bench_dag.parse_cases(getattr(args, "dag_cases", DAG_CASES)))
-        dag_results = bench_dag.run_all(cases, str(args.postgres_url),
+        dag_results = bench_dag.run_all(cases.dag, str(args.postgres_url),
                                         noop_runs=1 if quick else max(1, int(getattr(
                                             args, "noop_runs", NOOP_RUNS))))
         ok = ok and all(c.correct for c in dag_results)
     else:
         dag_results = []
     ran = True  # every case that was asked for could run
-    scheduler_cases = str(getattr(args, "scheduler_cases", "") or "")
-    if scheduler_cases and not quick:
-        from leadsync import bench_dag, bench_scheduler
+    if cases.scheduler:
+        from leadsync import bench_scheduler
 
         scheduler_results = bench_scheduler.run_all(
-            bench_dag.parse_cases(scheduler_cases),
-            bench_scheduler.parse_executors(getattr(args, "executors", EXECUTORS)),
+            cases.scheduler, cases.executors,
             str(args.postgres_url), str(getattr(args, "redis_url", REDIS_URL)), dag_results)
         not_run = [c for c in scheduler_results if c.error]
         ok = ok and all(c.correct for c in scheduler_results if not c.error)
@@ -1212,7 +1242,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backend:rows cases for (e), the DAG under a real scheduler "
                         "('' to leave it out)")
     parser.add_argument("--executors", default=EXECUTORS,
-                        help="executors for (e): celery (two workers), local, or both")
+                        help="executors for (e): celery (two workers), local, or both "
+                        "(celery,local or both)")
     parser.add_argument("--redis-url", default=os.environ.get("LEADSYNC_BENCH_REDIS", REDIS_URL),
                         help="the Celery broker for (e)")
     parser.add_argument("--postgres-url", default=os.environ.get(
@@ -1226,4 +1257,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == _CHILD:
         sys.exit(_child_main(sys.argv[2], sys.argv[3]))
-    sys.exit(main(build_parser().parse_args()))
+    parser_ = build_parser()
+    try:
+        sys.exit(main(parser_.parse_args()))
+    except BenchArgumentError as exc:
+        parser_.error(str(exc))

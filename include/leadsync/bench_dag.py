@@ -605,15 +605,16 @@ def noop_extra(case: DagCase) -> tuple[float, str]:
     return case.noop.wall_s - case.fixed.wall_s, ""
 
 
-def parse_cases(text: str) -> list[tuple[str, int]]:
-    """``sqlite:200000,postgres:1000000`` → [(backend, rows), ...]."""
+def parse_cases(text: str, option: str = "--dag-cases") -> list[tuple[str, int]]:
+    """``sqlite:200000,postgres:1000000`` → [(backend, rows), ...]; ``option`` names the
+    option the text came from in the error."""
     cases = []
     for part in str(text).split(","):
         if not part.strip():
             continue
         backend, _, n = part.strip().partition(":")
         if backend not in ("sqlite", "postgres") or not n.replace("_", "").isdigit():
-            raise ValueError(f"--dag-cases: expected backend:rows (sqlite or postgres), got "
+            raise ValueError(f"{option}: expected backend:rows (sqlite or postgres), got "
                              f"{part.strip()!r}")
         cases.append((backend, int(n.replace("_", ""))))
     return cases

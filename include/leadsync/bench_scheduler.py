@@ -429,11 +429,15 @@ def print_case(case: SchedulerCase, dags_test: DagCase | None = None) -> None:
 
 
 def parse_executors(text: str) -> list[str]:
-    """``celery,local`` → ["celery", "local"]."""
+    """``celery,local`` (or ``both``) → ["celery", "local"]."""
     names = [part.strip() for part in str(text).split(",") if part.strip()]
+    if names == ["both"]:
+        names = list(EXECUTORS)
+    if not names:
+        raise ValueError("--executors: expected celery, local or both, got nothing")
     for name in names:
         if name not in EXECUTORS:
-            raise ValueError(f"--executors: expected celery or local, got {name!r}")
+            raise ValueError(f"--executors: expected celery, local or both, got {name!r}")
     return names
 
 

@@ -447,7 +447,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Runs the benchmarks (see bench/)."""
     from leadsync import bench
 
-    return bench.main(args)
+    try:
+        return bench.main(args)
+    except bench.BenchArgumentError as exc:  # the user's own option, quoted as given
+        raise CliError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -188,3 +189,45 @@ def test_a_scheduled_run_s_busy_cores_cover_the_run_and_each_task_s_span() -> No
     samples = [(base + s, 2.0 * min(s, 4) + max(0.0, s - 4)) for s in range(0, 10)]
     busy = bench_scheduler.run_busy(run, samples)
     assert busy == pytest.approx({"run": 1.5, "check": 2.0, "push": 1.0})  # tiny: no samples
+
+
+def _bench_args(argv: list[str]) -> argparse.Namespace:
+    return bench.build_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--executors", "bogus"], "--executors: expected celery, local or both, got 'bogus'"),
+    (["--executors", ""], "--executors: expected celery, local or both, got nothing"),
+    (["--dag-cases", "mysql:10"], "--dag-cases: expected backend:rows (sqlite or postgres), "
+                                  "got 'mysql:10'"),
+    (["--scheduler-cases", "postgres:lots"], "--scheduler-cases: expected backend:rows"),
+])
+def test_a_bad_option_fails_before_anything_runs(
+        argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(bench.BenchArgumentError, match="^" + re.escape(message)):
+        bench.main(_bench_args(argv))
+    assert capsys.readouterr().out == ""  # not even (a)'s header: nothing ran
+
+
+def test_the_cli_names_a_bad_bench_option_and_quotes_it(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from leadsync import cli
+
+    assert cli.main(["bench", "--scheduler-cases", "postgres:10", "--executors", "celry"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip() == ("leadsync: --executors: expected celery, local or both, "
+                                    "got 'celry'")
+
+
+def test_the_cases_are_read_up_front() -> None:
+    cases = bench.read_cases(_bench_args(["--dag-cases", "sqlite:1_000,postgres:20",
+                                          "--scheduler-cases", "postgres:30",
+                                          "--executors", "both"]))
+    assert cases == bench.Cases([("sqlite", 1000), ("postgres", 20)], [("postgres", 30)],
+                                ["celery", "local"])
+    # Without (e), --executors is not read; --skip-dag and --quick leave (d)'s cases as run.
+    assert bench.read_cases(_bench_args(["--skip-dag", "--scheduler-cases", "",
+                                         "--executors", "x"])) == bench.Cases([], [], [])
+    assert bench.read_cases(_bench_args(["--quick"])) == bench.Cases(
+        [("sqlite", bench.QUICK_E2E_ROWS[0])], [], [])
