@@ -36,3 +36,45 @@ def test_ledger_update_runs_on_a_small_ledger(pg_url: str, pg_empty_url: str) ->
     assert result["now"]["median_ms"] > 0 and result["before"]["median_ms"] > 0
     assert result["now"]["hot_share"] == 1.0
     assert result["before"]["hot_share"] == 0.0
+
+
+def test_source_cost_reads_every_row_and_marks_the_unreadable_ones(tmp_path: Path) -> None:
+    """bench/source_cost.py on SQLite: 500 rows, 5 of them with undecodable text."""
+    script = _load("source_cost")
+    url = script._sqlite(tmp_path / "source.db", 500, 5)
+    rows, markers, wall, cpu = script.read(url, 1)
+    assert (rows, markers) == (495, 5)
+    assert wall > 0 and cpu > 0
+
+
+@pytest.mark.postgres
+def test_source_cost_reads_a_postgres_table() -> None:
+    """bench/source_cost.py on Postgres: 400 rows, 4 with a year Python cannot represent."""
+    from sqlalchemy import text
+
+    from leadsync.db import make_engine
+    from tests.conftest import PG_ADMIN_URL, require_postgres
+
+    require_postgres()
+    script = _load("source_cost")
+    url = script._postgres(PG_ADMIN_URL, 400, 4)
+    try:
+        rows, markers, _, _ = script.read(url, 1)
+        assert (rows, markers) == (396, 4)
+    finally:
+        admin = make_engine(PG_ADMIN_URL).execution_options(isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text('DROP DATABASE IF EXISTS "leadsync_source_cost_400_4" '
+                              "WITH (FORCE)"))
+        admin.dispose()
+
+
+def test_push_dag_runs_the_real_dag_with_bounded_task_instances(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/push_dag.py: one `airflow dags test` run, five task instances, every event sent."""
+    assert _load("push_dag").main(["--leads", "150", "--batch-size", "10", "--lanes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "airflow dags test exit 0" in out
+    assert "task instances: 5 ({'success': 5})" in out
+    assert "push_lane          x2" in out
+    assert "push phase:" in out
