@@ -7,10 +7,12 @@ Airflow metadata database under a temporary directory.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,3 +132,51 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "LEADSYNC_SCHEDULES", "200")), help="random fault schedules for the fault-injection suite")
     parser.addoption("--schedule-seed", type=int, default=int(os.environ.get(
         "LEADSYNC_SCHEDULE_SEED", "20261126")), help="base seed of the fault schedules")
+
+
+# What `make test` runs at a smaller scale than the separate make targets, by the test that
+# stands for it (a node id's beginning).
+_SOAK_TEST = "tests/integration/test_faults.py::test_random_fault_schedules"
+_FUZZ_TEST = "tests/integration/test_fuzz.py::test_hostile_rows_each_end_in_one_outcome"
+_RENDER_TEST = "tests/integration/test_fuzz.py::test_render_on_fuzzed_lines"
+_BENCH_TESTS = ("tests/unit/test_bench", "tests/integration/test_bench_dag.py",
+                "tests/cluster/test_bench_scheduler.py")
+
+
+def left_out(ran: set[str], schedules: int, fuzz: tuple[int, int, int] | None) -> list[str]:
+    """Lines that say what this run left to ``make soak``, ``make fuzz`` and ``make bench``,
+    given the node ids that ran, the fault schedules and the fuzz scale (rows, seeds, render
+    lines) in effect."""
+
+    def any_ran(*prefixes: str) -> bool:
+        return any(node.startswith(prefixes) for node in ran)
+
+    here = f"{schedules:,} here" if any_ran(_SOAK_TEST) else "none here"
+    lines = [f"make soak: 1,000 random crash/fault schedules on SQLite ({here})"]
+    parts = []
+    if fuzz is not None:
+        rows, seeds, render = fuzz
+        if any_ran(_FUZZ_TEST):
+            parts.append(f"{rows:,} rows x {seeds} seed{'s' if seeds != 1 else ''} per backend")
+        if any_ran(_RENDER_TEST):
+            parts.append(f"{render:,} render lines")
+    here = " and ".join(parts) + " here" if parts else "none here"
+    lines.append("make fuzz: 10,000 hostile rows x 2 seeds per backend and 10,000 render "
+                 f"lines ({here})")
+    here = ("each run here on a few thousand rows, to check that it works, without figures"
+            if any_ran(*_BENCH_TESTS) else "none here")
+    lines.append(f"make bench: the benchmarks at 200,000-1,000,000 rows, with their figures "
+                 f"({here})")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
+                            config: pytest.Config) -> None:
+    ran = {report.nodeid for key in ("passed", "failed", "error")
+           for report in terminalreporter.stats.get(key, []) if hasattr(report, "nodeid")}
+    fuzz_module = sys.modules.get("tests.integration.test_fuzz")
+    fuzz = None if fuzz_module is None else (
+        fuzz_module.ROWS, fuzz_module.SEEDS, fuzz_module.RENDER_LINES)
+    terminalreporter.section("left to separate make targets (larger runs)")
+    for line in left_out(ran, int(config.getoption("--schedules")), fuzz):
+        terminalreporter.write_line(line)
